@@ -1,0 +1,175 @@
+"""Command-line parsing only: each subcommand calls one function of the package."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import trio
+from loguru import logger
+
+from proxy import config, log
+from proxy.config import Address, ConfigError, ProxyConfig, Settings, parse_address
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_CONFIG = 2
+
+
+def default_config_path() -> str:
+    """$DEVPROXY_CONFIG when set (a container names its mounted file there), else ./settings.toml."""
+    return os.environ.get("DEVPROXY_CONFIG") or "settings.toml"
+
+
+def _address(text: str) -> Address:
+    try:
+        return parse_address(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="devproxy", description="Share serial and TCP devices between clients."
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    for name, help_text in (("run", "run the proxy in the foreground"), ("check", "validate the config")):
+        sub = commands.add_parser(name, help=help_text)
+        sub.add_argument(
+            "-c",
+            "--config",
+            default=None,
+            help="settings file (default: $DEVPROXY_CONFIG or ./settings.toml)",
+        )
+
+    simulate = commands.add_parser("simulate", help="run a simulated device on a pty or a TCP port")
+    simulate.add_argument("protocol", choices=config.SIMULATED_PROTOCOLS)
+    where = simulate.add_mutually_exclusive_group(required=True)
+    where.add_argument(
+        "--pty", metavar="LINK", type=Path, help="make a pseudo-terminal; LINK becomes a symlink to it"
+    )
+    where.add_argument(
+        "--listen", metavar="HOST:PORT", type=_address, help="accept hosts on this TCP address"
+    )
+
+    send = commands.add_parser("send", help="send one request frame and print the answer")
+    send.add_argument("address", metavar="HOST:PORT", type=_address)
+    send.add_argument("--protocol", required=True, choices=("custom",))
+    what = send.add_mutually_exclusive_group(required=True)
+    what.add_argument("--command", help="a named command: beep, status, read-vat")
+    what.add_argument("--hex", help='raw bytes to send as they are, e.g. "01 05 00 13 3f 42 0f 00 a8"')
+    send.add_argument("--password", type=int, default=999999, help="the register's password (default 999999)")
+    send.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the whole answer")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "run":
+        return run(args.config or default_config_path())
+    if args.command == "check":
+        return check(args.config or default_config_path())
+    if args.command == "simulate":
+        return simulate(args.protocol, pty=args.pty, listen=args.listen)
+    return send(args)
+
+
+def _load(path: str) -> Settings | None:
+    try:
+        return config.load(path)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return None
+
+
+def check(path: str) -> int:
+    """Validates the config and prints what `run` would start."""
+    settings = _load(path)
+    if settings is None:
+        return EXIT_CONFIG
+    print(f"{path}: OK, {len(settings.devices)} device(s)")
+    for device in settings.devices:
+        line = (
+            f"{device.baudrate} {device.bytesize}{device.parity}{device.stopbits:g}"
+            if device.type == "serial"
+            else ""
+        )
+        print(f"  {device.name}: {device.type} {device.describe()} {line}".rstrip())
+        listen = ", ".join(map(str, device.listen))
+        print(f"    protocol {device.protocol}, {device.sharing} sharing, clients on {listen}")
+    if settings.proxy.status is not None:
+        print(f"  status page on {settings.proxy.status}")
+    return EXIT_OK
+
+
+def run(path: str) -> int:
+    """The proxy in the foreground until SIGINT or SIGTERM; 2 when the config or a port is unusable."""
+    from proxy.app import BindError, serve
+
+    settings = _load(path)
+    if settings is None:
+        return EXIT_CONFIG
+    log.setup(settings.proxy)
+    logger.info("devproxy starting with {}", path)
+    try:
+        _run_until_signal(lambda task_status: serve(settings, task_status=task_status))
+    except BindError as exc:
+        logger.error("{}; nothing was started", exc)
+        return EXIT_CONFIG
+    logger.info("devproxy stopped")
+    return EXIT_OK
+
+
+def simulate(protocol: str, *, pty: Path | None, listen: Address | None) -> int:
+    """A simulated device until SIGINT or SIGTERM."""
+    from proxy.simulators import serve_pty, serve_tcp
+
+    log.setup(ProxyConfig())
+    if pty is not None:
+        _run_until_signal(lambda task_status: serve_pty(protocol, pty, task_status=task_status))
+    else:
+        _run_until_signal(lambda task_status: serve_tcp(protocol, listen, task_status=task_status))
+    return EXIT_OK
+
+
+def send(args: argparse.Namespace) -> int:
+    """One exchange with a device; prints what was sent and the answer, exit 1 with the reason on failure."""
+    from proxy.send import SendError, custom_request, exchange_custom
+
+    try:
+        request = custom_request(args.command, args.hex, args.password)
+        print(f"sent {request.hex(' ')}")
+        for line in trio.run(exchange_custom, args.address, request, args.timeout):
+            print(line)
+    except SendError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+def _run_until_signal(start: Callable[..., Awaitable[object]]) -> None:
+    """Runs `start` (a task that reports readiness) until SIGINT or SIGTERM, then cancels it cleanly."""
+
+    async def main() -> None:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async with trio.open_nursery() as nursery:
+                ready = await nursery.start(start)
+                if isinstance(ready, str):
+                    print(ready, flush=True)
+                async for signum in signals:
+                    logger.info("{}: closing clients and devices", signal.Signals(signum).name)
+                    nursery.cancel_scope.cancel()
+                    break
+
+    try:
+        trio.run(main)
+    except BaseExceptionGroup as group:
+        # nursery.start raises a task's error before it was ready as a group of one; unwrap it.
+        if len(group.exceptions) == 1:
+            raise group.exceptions[0] from None
+        raise

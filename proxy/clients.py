@@ -1,0 +1,132 @@
+"""What a client sees: one task per connection, admitted, queued for the device, then served."""
+
+from __future__ import annotations
+
+import ipaddress
+from functools import partial
+
+import trio
+from loguru import logger
+
+from proxy.device import BROKEN, READ_SIZE, Device, Lease, LinkLost, Refused
+
+# After a refusal the reply gets this long to drain before the connection is closed, so that a
+# client's unread request does not turn our close into a reset that discards the reply.
+REFUSAL_LINGER = 1.0
+
+
+def peer_name(stream: trio.SocketStream) -> str:
+    """'host:port' of the client at the other end of `stream`."""
+    try:
+        host, port, *_ = stream.socket.getpeername()
+    except OSError:
+        return "unknown client"
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+async def serve_clients(
+    device: Device,
+    listeners: list[trio.SocketListener],
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Accepts clients of `device` on `listeners` until cancelled.
+
+    Error handling: trio.serve_listeners sleeps and retries on EMFILE and the like; one client's failure
+    is logged and never reaches another client or the device.
+    """
+    await trio.serve_listeners(partial(handle_client, device), listeners, task_status=task_status)
+
+
+async def handle_client(device: Device, stream: trio.SocketStream) -> None:
+    """One client connection, from accept to close. Resource handling: closes `stream` before returning."""
+    client = peer_name(stream)
+    async with stream:
+        refusal = _admission(device, stream)
+        if refusal:
+            device.counters.refused[refusal[0]] += 1
+            logger.info("{}: client {} refused: {}", device.name, client, refusal[1])
+            if refusal[0] != "not allowed":
+                await _refuse(stream, device.config.busy_reply)
+            return
+        device.clients += 1
+        logger.info("{}: client {} connected ({} connected)", device.name, client, device.clients)
+        try:
+            await _session(device, stream, client)
+        except Refused as exc:
+            logger.info("{}: client {} refused: {}", device.name, client, exc)
+            await _refuse(stream, device.config.busy_reply)
+        except Exception:
+            # A bug must cost this one client its connection, never the proxy or the other clients.
+            logger.exception("{}: client {}: unexpected error; connection closed", device.name, client)
+        finally:
+            device.clients -= 1
+
+
+def _admission(device: Device, stream: trio.SocketStream) -> tuple[str, str] | None:
+    """Why this client may not even queue for the device, or None."""
+    config = device.config
+    if config.allow:
+        try:
+            address = ipaddress.ip_address(stream.socket.getpeername()[0])
+        except (OSError, ValueError):
+            return ("not allowed", "its address cannot be read")
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+            address = address.ipv4_mapped
+        if not any(address in network for network in config.allow):
+            return ("not allowed", f"{address} is not in allow")
+    if device.clients >= config.max_clients:
+        return ("too many clients", f"max_clients = {config.max_clients} reached")
+    return None
+
+
+async def _refuse(stream: trio.SocketStream, reply: bytes) -> None:
+    """Sends the busy reply, ends our side, and lets the client's unread bytes drain before the close."""
+    with trio.move_on_after(REFUSAL_LINGER):
+        try:
+            if reply:
+                await stream.send_all(reply)
+            await stream.send_eof()
+            while await stream.receive_some(READ_SIZE):
+                pass
+        except BROKEN:
+            pass
+
+
+async def _session(device: Device, stream: trio.SocketStream, client: str) -> None:
+    """Session sharing: the client holds the device for its whole connection."""
+    idle_timeout = device.config.idle_timeout
+    async with device.lease(client, stream.send_all) as lease:
+        why = "closed the connection"
+        with lease.cancel_scope:
+            async with trio.open_nursery() as nursery:
+                if idle_timeout:
+                    nursery.start_soon(_end_when_idle, lease, idle_timeout)
+                why = await _pump(stream, lease)
+                nursery.cancel_scope.cancel()
+        logger.info("{}: client {} {}", device.name, client, lease.ended or why)
+
+
+async def _pump(stream: trio.SocketStream, lease: Lease) -> str:
+    """Client -> device until the client closes; returns how the session ended."""
+    while True:
+        try:
+            data = await stream.receive_some(READ_SIZE)
+        except BROKEN as exc:
+            return f"connection failed: {exc}"
+        if not data:
+            return "closed the connection"
+        try:
+            await lease.send(data)
+        except LinkLost as exc:
+            return f"disconnected: link lost ({exc})"
+
+
+async def _end_when_idle(lease: Lease, idle_timeout: float) -> None:
+    """Ends the lease once neither side has sent anything for idle_timeout seconds."""
+    while True:
+        deadline = lease.last_activity + idle_timeout
+        if trio.current_time() >= deadline:
+            lease.end(f"disconnected: silent for idle_timeout = {idle_timeout:g} s")
+            return
+        await trio.sleep_until(deadline)

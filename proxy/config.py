@@ -1,0 +1,378 @@
+"""settings.toml: frozen attrs classes for every table, and load(), which reports every problem at once."""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+import re
+import tomllib
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+LOG_LEVELS = ("TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR", "CRITICAL")
+DEVICE_TYPES = ("serial", "tcp", "simulator")
+PROTOCOLS = ("raw", "custom", "shtrih", "atol2", "atol3", "dle", "coges", "energomera-ce", "iec61107")
+# Protocols with an in-process simulator; the others get theirs with the protocol work.
+SIMULATED_PROTOCOLS = ("custom",)
+SHARING_MODES = ("session", "exchange")
+PARITIES = ("N", "E", "O", "M", "S")
+STOPBITS = (1, 1.5, 2)
+NAME_PATTERN = re.compile(r"[A-Za-z0-9_-]+")
+SIZE_PATTERN = re.compile(r"\d+(\.\d+)?\s*(B|KB|MB|GB|KiB|MiB|GiB)", re.IGNORECASE)
+
+
+class ConfigError(Exception):
+    """settings.toml cannot be used; `problems` lists every reason, each naming its table, key and value."""
+
+    def __init__(self, source: str, problems: list[str]) -> None:
+        self.source = source
+        self.problems = problems
+        lines = "\n".join(f"  - {problem}" for problem in problems)
+        super().__init__(f"{source}: {len(problems)} problem(s):\n{lines}")
+
+
+@attrs.define(frozen=True)
+class Address:
+    """A TCP address; port 0 asks the system for any free port."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+    @property
+    def is_wildcard(self) -> bool:
+        return self.host in ("0.0.0.0", "::", "")
+
+    def overlaps(self, other: Address) -> bool:
+        """True when both cannot be bound at once (same port, and same host or either a wildcard)."""
+        if self.port == 0 or self.port != other.port:
+            return False
+        return self.host == other.host or self.is_wildcard or other.is_wildcard
+
+
+def parse_address(text: str) -> Address:
+    """'HOST:PORT' or '[IPv6]:PORT' -> Address; ValueError says what is wrong."""
+    match = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d+)|([^:\[\]\s]+):(\d+)", text)
+    if not match:
+        raise ValueError(f"{text!r} is not HOST:PORT")
+    host = match.group(1) or match.group(3)
+    port = int(match.group(2) or match.group(4))
+    if port > 65535:
+        raise ValueError(f"{text!r}: port {port} is not in 0-65535")
+    return Address(host, port)
+
+
+@attrs.define(frozen=True)
+class ProxyConfig:
+    """The [proxy] table: logging and the status server."""
+
+    log_level: str = "INFO"
+    log_file: str = ""
+    log_rotation: str = "10 MB"
+    log_retention: int = 5
+    log_json: bool = False
+    status: Address | None = Address("127.0.0.1", 8600)
+    status_token: str = ""
+
+
+@attrs.define(frozen=True)
+class DeviceConfig:
+    """One [[device]] table: how to reach the device and how clients share it."""
+
+    name: str
+    type: str = "serial"
+    path: str = ""
+    baudrate: int = 115200
+    bytesize: int = 8
+    parity: str = "N"
+    stopbits: float = 1
+    protocol: str = "raw"
+    listen: tuple[Address, ...] = ()
+    sharing: str = "session"
+    acquire_timeout: float = 5.0
+    busy_reply: bytes = b""
+    response_timeout: float = 5.0
+    exchange_timeout: float = 30.0
+    frame_gap: float = 0.05
+    reconnect_interval: float = 2.0
+    release_port: bool = False
+    idle_timeout: float = 0.0
+    max_clients: int = 32
+    allow: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+
+    def describe(self) -> str:
+        """Where the device is, for log lines: the serial path, the TCP peer, or the simulated protocol."""
+        if self.type == "simulator":
+            return f"simulated {self.protocol} device"
+        return self.path
+
+
+@attrs.define(frozen=True)
+class Settings:
+    """The whole settings.toml."""
+
+    proxy: ProxyConfig = ProxyConfig()
+    devices: tuple[DeviceConfig, ...] = ()
+    source: str = "<defaults>"
+
+
+class _Problems:
+    """Collects the problems of one table so that load() reports them all at once."""
+
+    def __init__(self) -> None:
+        self.items: list[str] = []
+
+    def add(self, where: str, message: str) -> None:
+        self.items.append(f"{where}: {message}")
+
+
+def _kind(value: Any) -> str:
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list"}.get(
+        type(value), type(value).__name__
+    )
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
+
+
+class _Table:
+    """Reads typed keys out of one TOML table, recording every problem under the table's name."""
+
+    def __init__(self, where: str, raw: dict[str, Any], problems: _Problems) -> None:
+        self.where = where
+        self.raw = raw
+        self.problems = problems
+        self.values: dict[str, Any] = {}
+
+    def fail(self, key: str, message: str) -> None:
+        self.problems.add(self.where, f"{key} {message}")
+
+    def take(self, key: str, check: Callable[[Any], bool], expected: str, convert=lambda v: v) -> None:
+        if key not in self.raw:
+            return
+        value = self.raw[key]
+        if not check(value):
+            self.fail(key, f"{value!r} is {_kind(value)}, expected {expected}")
+            return
+        try:
+            self.values[key] = convert(value)
+        except ValueError as exc:
+            self.fail(key, str(exc))
+
+    def string(self, key: str, choices: Iterable[str] | None = None) -> None:
+        def convert(value: str) -> str:
+            if choices is not None and value not in choices:
+                raise ValueError(f"{value!r} is not one of {', '.join(choices)}")
+            return value
+
+        self.take(key, lambda v: isinstance(v, str), "a string", convert)
+
+    def boolean(self, key: str) -> None:
+        self.take(key, lambda v: isinstance(v, bool), "true or false")
+
+    def integer(self, key: str, minimum: int, maximum: int | None = None) -> None:
+        def convert(value: int) -> int:
+            if value < minimum or (maximum is not None and value > maximum):
+                bound = f"in {minimum}-{maximum}" if maximum is not None else f">= {minimum}"
+                raise ValueError(f"{value} is not {bound}")
+            return value
+
+        self.take(key, _is_int, "an integer", convert)
+
+    def seconds(self, key: str, *, positive: bool) -> None:
+        def convert(value: float) -> float:
+            if value < 0 or (positive and value == 0):
+                raise ValueError(f"{value} must be {'> 0' if positive else '>= 0'} seconds")
+            return float(value)
+
+        self.take(key, _is_number, "a number of seconds", convert)
+
+    def unknown_keys(self, known: Iterable[str]) -> None:
+        for key in sorted(set(self.raw) - set(known)):
+            self.problems.add(self.where, f"unknown key {key!r} = {self.raw[key]!r}")
+
+
+def _parse_hex(text: str) -> bytes:
+    try:
+        return bytes.fromhex(text)
+    except ValueError:
+        raise ValueError(f'{text!r} is not hex bytes (e.g. "15" or "01 02 0a")') from None
+
+
+def _parse_network(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    try:
+        return ipaddress.ip_network(text, strict=False)
+    except ValueError:
+        raise ValueError(f'{text!r} is not a network in CIDR form (e.g. "192.168.1.0/24")') from None
+
+
+def _list_of(convert: Callable[[str], Any]) -> Callable[[list], tuple]:
+    def convert_all(values: list) -> tuple:
+        if not all(isinstance(v, str) for v in values):
+            raise ValueError(f"{values!r} must be a list of strings")
+        return tuple(convert(v) for v in values)
+
+    return convert_all
+
+
+def _proxy_table(raw: dict[str, Any], problems: _Problems) -> ProxyConfig:
+    table = _Table("[proxy]", raw, problems)
+    table.unknown_keys(attrs.fields_dict(ProxyConfig))
+    table.string("log_level", LOG_LEVELS)
+    table.string("log_file")
+    table.take("log_rotation", lambda v: isinstance(v, str), "a string", _check_rotation)
+    table.integer("log_retention", 0)
+    table.boolean("log_json")
+    table.take("status", lambda v: isinstance(v, str), "a string", lambda v: parse_address(v) if v else None)
+    table.string("status_token")
+    return ProxyConfig(**table.values)
+
+
+def _check_rotation(value: str) -> str:
+    if not SIZE_PATTERN.fullmatch(value.strip()):
+        raise ValueError(f'{value!r} is not a size such as "10 MB"')
+    return value
+
+
+def _device_table(index: int, raw: dict[str, Any], problems: _Problems) -> DeviceConfig | None:
+    name = raw.get("name")
+    where = f"device {name!r}" if isinstance(name, str) and name else f"[[device]] #{index + 1}"
+    table = _Table(where, raw, problems)
+    table.unknown_keys(attrs.fields_dict(DeviceConfig))
+    if "name" not in raw:
+        table.fail("name", "is missing")
+    table.take("name", lambda v: isinstance(v, str), "a string", _check_name)
+    table.string("type", DEVICE_TYPES)
+    table.string("path")
+    table.integer("baudrate", 1)
+    table.integer("bytesize", 5, 8)
+    table.string("parity", PARITIES)
+    table.take("stopbits", lambda v: _is_number(v) and v in STOPBITS, "1, 1.5 or 2", float)
+    table.string("protocol", PROTOCOLS)
+    table.take("listen", lambda v: isinstance(v, list), 'a list of "HOST:PORT"', _list_of(parse_address))
+    table.string("sharing", SHARING_MODES)
+    table.seconds("acquire_timeout", positive=False)
+    table.take("busy_reply", lambda v: isinstance(v, str), "hex bytes", _parse_busy_reply)
+    table.seconds("response_timeout", positive=True)
+    table.seconds("exchange_timeout", positive=True)
+    table.seconds("frame_gap", positive=True)
+    table.seconds("reconnect_interval", positive=False)
+    table.boolean("release_port")
+    table.seconds("idle_timeout", positive=False)
+    table.integer("max_clients", 1)
+    table.take("allow", lambda v: isinstance(v, list), "a list of networks", _list_of(_parse_network))
+    if "name" not in table.values:
+        return None
+    config = DeviceConfig(**table.values)
+    _check_device(table, config)
+    return config
+
+
+def _check_name(value: str) -> str:
+    if not NAME_PATTERN.fullmatch(value):
+        raise ValueError(f"{value!r} may hold only letters, digits, '-' and '_'")
+    return value
+
+
+def _parse_busy_reply(value: str) -> bytes:
+    if value == "auto":
+        raise ValueError("'auto' (the protocol's own busy answer) comes with exchange sharing; use hex bytes")
+    return _parse_hex(value)
+
+
+def _check_device(table: _Table, config: DeviceConfig) -> None:
+    """Checks that need several keys of one device."""
+    raw = table.raw
+    if config.type in ("serial", "tcp") and not config.path and "path" not in raw:
+        table.fail("path", f"is missing (a {config.type} device needs one)")
+    if config.type == "serial" and "path" in raw and not config.path:
+        table.fail("path", "is empty (a serial device needs its device path, e.g. /dev/ttyUSB0)")
+    if config.type == "tcp" and config.path:
+        try:
+            address = parse_address(config.path)
+        except ValueError as exc:
+            table.fail("path", str(exc))
+        else:
+            if address.port == 0:
+                table.fail("path", f"{config.path!r}: a device's port cannot be 0")
+    if config.type == "simulator" and config.protocol not in SIMULATED_PROTOCOLS:
+        table.fail(
+            "protocol", f"{config.protocol!r} has no simulator (simulated: {', '.join(SIMULATED_PROTOCOLS)})"
+        )
+    if "listen" in table.values and not config.listen:
+        table.fail("listen", "is empty: no client could reach this device")
+    elif "listen" not in raw:
+        table.fail("listen", "is missing: no client could reach this device")
+    if config.sharing == "exchange":
+        table.fail("sharing", "'exchange' is not available in this version; use 'session'")
+
+
+def _check_clashes(settings: Settings, problems: _Problems) -> None:
+    """Names and listening addresses must be unique across the whole file."""
+    seen_names: set[str] = set()
+    bound: list[tuple[str, Address]] = []
+    if settings.proxy.status is not None:
+        bound.append(("[proxy] status", settings.proxy.status))
+    for device in settings.devices:
+        where = f"device {device.name!r}"
+        if device.name in seen_names:
+            problems.add(where, f"name {device.name!r} is used by another device")
+        seen_names.add(device.name)
+        for address in device.listen:
+            for owner, other in bound:
+                if address.overlaps(other):
+                    problems.add(where, f"listen {str(address)!r} clashes with {str(other)!r} of {owner}")
+            bound.append((f"{where} listen", address))
+
+
+def parse(raw: dict[str, Any], source: str = "<string>") -> Settings:
+    """Turns a decoded TOML document into Settings, or raises ConfigError with every problem found."""
+    problems = _Problems()
+    for key in sorted(set(raw) - {"proxy", "device"}):
+        problems.add(source, f"unknown table or key [{key}]")
+    proxy_raw = raw.get("proxy", {})
+    proxy = ProxyConfig()
+    if isinstance(proxy_raw, dict):
+        proxy = _proxy_table(proxy_raw, problems)
+    else:
+        problems.add("[proxy]", "must be a table")
+    devices: list[DeviceConfig] = []
+    device_raw = raw.get("device", [])
+    if not isinstance(device_raw, list) or not all(isinstance(d, dict) for d in device_raw):
+        problems.add("[[device]]", "must be an array of tables ([[device]] ... )")
+    else:
+        for index, table in enumerate(device_raw):
+            device = _device_table(index, table, problems)
+            if device is not None:
+                devices.append(device)
+    settings = Settings(proxy, tuple(devices), source)
+    _check_clashes(settings, problems)
+    if problems.items:
+        raise ConfigError(source, problems.items)
+    return settings
+
+
+def load(path: str | Path) -> Settings:
+    """Reads and validates settings.toml; ConfigError lists every problem, including an unreadable file."""
+    source = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(source, [f"cannot read the file: {exc.strerror or exc}"]) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(source, [f"is not UTF-8 text: {exc}"]) from None
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(source, [f"is not valid TOML: {exc}"]) from None
+    return parse(raw, source)

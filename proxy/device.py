@@ -1,0 +1,338 @@
+"""Device: the one owner of a link to a device, its FIFO lock, its leases, its state and counters."""
+
+from __future__ import annotations
+
+import enum
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+
+import attrs
+import trio
+from loguru import logger
+
+from proxy import log
+from proxy.config import DeviceConfig
+from proxy.links import LinkError, discard_input, open_link
+
+READ_SIZE = 65536
+BROKEN = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
+
+Sink = Callable[[bytes], Awaitable[None]]
+
+
+class State(enum.StrEnum):
+    OFFLINE = "offline"
+    CONNECTING = "connecting"
+    IDLE = "idle"
+    BUSY = "busy"
+
+
+class Refused(Exception):
+    """A client did not get the device; `reason` is "busy" or "offline"."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+class LinkLost(Exception):
+    """The link to the device broke while a lease was using it."""
+
+
+@attrs.define
+class Counters:
+    """What a device has done since the proxy started."""
+
+    bytes_to_device: int = 0
+    bytes_from_device: int = 0
+    unsolicited_bytes: int = 0
+    leases_granted: int = 0
+    refused: Counter[str] = attrs.field(factory=Counter)
+    link_opens: int = 0
+    link_losses: int = 0
+    last_connect: datetime | None = None
+    last_disconnect: datetime | None = None
+
+
+class Lease:
+    """One client's turn at the device: it may send, and it alone receives what the device answers.
+
+    Whoever ends the lease early (the device when the link is lost, a watchdog, a broken client)
+    calls end(), which cancels `cancel_scope`; `ended` then says why.
+    """
+
+    def __init__(self, device: Device, client: str, sink: Sink) -> None:
+        self.device = device
+        self.client = client
+        self.cancel_scope = trio.CancelScope()
+        self.ended: str | None = None
+        self.last_activity = trio.current_time()
+        self._sink = sink
+        self._link: trio.abc.Stream | None = None
+
+    async def send(self, data: bytes) -> None:
+        """Writes `data` to the device. Raises LinkLost when the link is gone or breaks."""
+        device, link = self.device, self._link
+        if link is None or self.ended is not None:
+            raise LinkLost(self.ended or "no link")
+        if device.tracing:
+            logger.trace("{}: {} -> device: {}", device.name, self.client, log.hexdump(data))
+        try:
+            await link.send_all(data)
+        except BROKEN as exc:
+            device.reset_link(f"write failed: {exc}")
+            raise LinkLost(f"write failed: {exc}") from None
+        device.counters.bytes_to_device += len(data)
+        self.last_activity = trio.current_time()
+
+    async def _deliver(self, data: bytes) -> None:
+        self.last_activity = trio.current_time()
+        try:
+            await self._sink(data)
+        except BROKEN as exc:
+            self.end(f"connection failed: {exc}")
+
+    def end(self, reason: str) -> None:
+        """Ends the lease early for `reason`; the first reason given is the one kept."""
+        if self.ended is None:
+            self.ended = reason
+        self._link = None
+        self.cancel_scope.cancel()
+
+
+class Device:
+    """A configured device: keeps its link open, reads it, and lends it to one lease at a time.
+
+    Only the reader task started by run() reads the link; only the current lease writes it. Bytes the
+    device sends while no lease is held are logged and dropped, and what is buffered when a lease
+    begins is discarded, so nothing meant for one client reaches another.
+    """
+
+    def __init__(self, config: DeviceConfig) -> None:
+        self.config = config
+        self.name = config.name
+        self.state = State.OFFLINE
+        self.counters = Counters()
+        self.clients = 0
+        self.waiting = 0
+        self.tracing = False
+        self.holder: Lease | None = None
+        self._lock = trio.Lock()
+        self._link: trio.abc.Stream | None = None
+        self._link_scope: trio.CancelScope | None = None
+        self._link_reset_reason = ""
+        # Set whenever the link comes or goes; replaced after each set so every waiter sees each change.
+        self._changed = trio.Event()
+        # release_port: set while a lease wants the link opened.
+        self._demand = trio.Event()
+        # reconnect_interval = 0 and the last open failed: waiters are refused at once.
+        self._gave_up = False
+        self._last_open_error = ""
+
+    # -- the supervisor --------------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Keeps the link open (or opens it per lease with release_port) until cancelled.
+
+        Error handling: a link that cannot be opened or is lost is logged and retried every
+        reconnect_interval seconds; 0 means never retry. Nothing here raises to the caller.
+        """
+        self.tracing = log.tracing()
+        async with trio.open_nursery() as nursery:
+            task_status.started()
+            while True:
+                if self.config.release_port:
+                    await self._demand.wait()
+                link = await self._open(nursery)
+                if link is not None:
+                    lost = await self._serve_link(link)
+                    if lost is None:
+                        continue
+                    self._set_state(State.OFFLINE, f"link lost ({lost})")
+                elif self.config.release_port:
+                    self._demand = trio.Event()
+                if self.config.reconnect_interval == 0:
+                    self._gave_up = True
+                    self._notify()
+                    if not self.config.release_port:
+                        logger.warning("{}: not retrying (reconnect_interval = 0)", self.name)
+                        await trio.sleep_forever()
+                    continue
+                await trio.sleep(self.config.reconnect_interval)
+
+    async def _open(self, nursery: trio.Nursery) -> trio.abc.Stream | None:
+        self._set_state(State.CONNECTING)
+        try:
+            link = await open_link(self.config, nursery)
+        except LinkError as exc:
+            # Repeating the same failure every reconnect_interval would drown the log: say it once.
+            level = "DEBUG" if str(exc) == self._last_open_error else "WARNING"
+            self._last_open_error = str(exc)
+            logger.log(level, "{}: cannot open the device: {}; {}", self.name, exc, self._retry_note())
+            self._set_state(State.OFFLINE)
+            return None
+        self._last_open_error = ""
+        self.counters.link_opens += 1
+        self.counters.last_connect = datetime.now(UTC)
+        self._gave_up = False
+        return link
+
+    def _retry_note(self) -> str:
+        if self.config.reconnect_interval == 0:
+            return "not retrying (reconnect_interval = 0)"
+        if self.config.release_port:
+            return f"retrying in {self.config.reconnect_interval:g} s while a client waits"
+        return f"retrying in {self.config.reconnect_interval:g} s"
+
+    async def _serve_link(self, link: trio.abc.Stream) -> str | None:
+        """Reads the link until it is lost (returns why) or closed on purpose (returns None)."""
+        self._link = link
+        self._link_scope = scope = trio.CancelScope()
+        self._link_reset_reason = ""
+        opened = "opened" if self.counters.link_opens == 1 else "reopened"
+        self._set_state(State.BUSY if self.holder else State.IDLE, f"{self.config.describe()} {opened}")
+        self._notify()
+        lost: str | None = None
+        try:
+            with scope:
+                lost = await self._read(link)
+        finally:
+            self._link = None
+            self._link_scope = None
+            with trio.CancelScope(shield=True):
+                await trio.aclose_forcefully(link)
+            self.counters.last_disconnect = datetime.now(UTC)
+            if scope.cancelled_caught:
+                lost = self._link_reset_reason or None
+            if lost is not None:
+                self.counters.link_losses += 1
+                if self.holder is not None:
+                    self.holder.end(f"disconnected: link lost ({lost})")
+            self._notify()
+        return lost
+
+    async def _read(self, link: trio.abc.Stream) -> str:
+        """Passes what the device sends to the current lease; returns why the link ended."""
+        counters = self.counters
+        while True:
+            try:
+                data = await link.receive_some(READ_SIZE)
+            except BROKEN as exc:
+                return f"read failed: {exc}"
+            if not data:
+                return "end of file"
+            counters.bytes_from_device += len(data)
+            lease = self.holder
+            if lease is None:
+                counters.unsolicited_bytes += len(data)
+                logger.debug(
+                    "{}: {} bytes from the device with no client holding it, dropped: {}",
+                    self.name,
+                    len(data),
+                    log.hexdump(data, 32),
+                )
+                continue
+            if self.tracing:
+                logger.trace("{}: device -> {}: {}", self.name, lease.client, log.hexdump(data))
+            await lease._deliver(data)
+
+    def reset_link(self, reason: str) -> None:
+        """Closes the link at once (a late answer must not reach the next client); it is reopened."""
+        if self._link_scope is not None:
+            self._link_reset_reason = reason
+            self._link_scope.cancel()
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    def _set_state(self, state: State, why: str = "") -> None:
+        if state != self.state and why:
+            retry = f"; {self._retry_note()}" if state == State.OFFLINE else ""
+            level = "WARNING" if state == State.OFFLINE else "INFO"
+            logger.log(level, "{}: {}{}", self.name, why, retry)
+        self.state = state
+
+    # -- leases ----------------------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def lease(self, client: str, sink: Sink) -> AsyncIterator[Lease]:
+        """Waits up to acquire_timeout for the device, in arrival order, and holds it while inside.
+
+        `sink` receives every byte the device sends during the lease. Raises Refused("busy") when
+        another client kept the device for the whole wait, Refused("offline") when the link was down.
+        """
+        lease = Lease(self, client, sink)
+        started = trio.current_time()
+        holding = granted = False
+        self.waiting += 1
+        try:
+            with trio.move_on_after(self.config.acquire_timeout):
+                await self._lock.acquire()
+                holding = True
+                granted = await self._wait_for_link()
+        finally:
+            self.waiting -= 1
+            if holding and not granted:
+                self._end_demand()
+                self._lock.release()
+        if not granted:
+            raise self._refusal()
+        self.holder = lease
+        lease._link = self._link
+        self.counters.leases_granted += 1
+        self._set_state(State.BUSY)
+        logger.info(
+            "{}: {} holds the device (waited {:.2f} s)", self.name, client, trio.current_time() - started
+        )
+        try:
+            yield lease
+        finally:
+            self.holder = None
+            if self._link is not None:
+                self._set_state(State.IDLE)
+            if self.config.release_port:
+                self._end_demand()
+                self.reset_link("")
+            self._lock.release()
+            logger.info("{}: {} released the device", self.name, client)
+
+    async def _wait_for_link(self) -> bool:
+        """With the lock held: waits for an open link and empties it of stale bytes."""
+        if self.config.release_port:
+            self._gave_up = False
+            self._demand.set()
+        while True:
+            link = self._link
+            if link is None:
+                if self._gave_up:
+                    return False
+                await self._changed.wait()
+                continue
+            dropped = discard_input(link)
+            # The reader may hold a chunk it read before this lease; two scheduling rounds let it
+            # drop that chunk as unsolicited before the lease is installed.
+            await trio.lowlevel.checkpoint()
+            await trio.lowlevel.checkpoint()
+            if dropped:
+                self.counters.unsolicited_bytes += dropped
+                logger.debug("{}: dropped {} stale bytes before the next lease", self.name, dropped)
+            if self._link is link:
+                return True
+
+    def _end_demand(self) -> None:
+        if self.config.release_port:
+            self._demand = trio.Event()
+
+    def _refusal(self) -> Refused:
+        if self._link is None:
+            reason, detail = "offline", f"{self.config.describe()} is {self.state}"
+        elif self.holder is not None:
+            reason, detail = "busy", f"held by {self.holder.client}"
+        else:
+            reason, detail = "busy", "other clients were waiting first"
+        self.counters.refused[reason] += 1
+        return Refused(reason, detail)

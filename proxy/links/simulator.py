@@ -1,0 +1,28 @@
+"""In-process simulated devices: the device runs as a task at the far end of a socket pair."""
+
+from __future__ import annotations
+
+import trio
+from loguru import logger
+
+from proxy.config import DeviceConfig
+from proxy.simulators import model_factory, serve_stream
+
+
+async def open_simulator(config: DeviceConfig, nursery: trio.Nursery) -> trio.SocketStream:
+    """Starts the simulated device in `nursery` and returns the proxy's end of the pair.
+
+    Resource handling: closing the returned stream ends the simulated device, which closes its end.
+    """
+    ours, theirs = trio.socket.socketpair()
+    device_end = trio.SocketStream(theirs)
+    nursery.start_soon(_run, config, device_end)
+    return trio.SocketStream(ours)
+
+
+async def _run(config: DeviceConfig, stream: trio.SocketStream) -> None:
+    async with stream:
+        try:
+            await serve_stream(stream, model_factory(config.protocol)())
+        except trio.BrokenResourceError:
+            logger.debug("{}: simulated device: proxy end closed", config.name)

@@ -1,0 +1,35 @@
+"""TCP links: a device reached at host:port (an Ethernet register, a serial-to-LAN converter)."""
+
+from __future__ import annotations
+
+import socket
+
+import trio
+
+from proxy.config import parse_address
+from proxy.links import LinkError
+
+# A device that does not answer a connect in this time is treated as offline; the supervisor retries.
+CONNECT_TIMEOUT = 10.0
+
+
+async def open_tcp(path: str) -> trio.SocketStream:
+    """Connects to `path` ("host:port") with TCP_NODELAY, so small frames leave at once."""
+    address = parse_address(path)
+    try:
+        with trio.fail_after(CONNECT_TIMEOUT):
+            stream = await trio.open_tcp_stream(address.host, address.port)
+    except trio.TooSlowError:
+        raise LinkError(f"connect to {path} timed out after {CONNECT_TIMEOUT:g} s") from None
+    except OSError as exc:
+        raise LinkError(f"connect to {path} failed: {_reason(exc)}") from None
+    stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, True)
+    return stream
+
+
+def _reason(exc: OSError) -> str:
+    # open_tcp_stream wraps per-address failures in one OSError whose cause holds the first of them.
+    inner = exc.__cause__ if isinstance(exc.__cause__, OSError) else exc
+    if isinstance(inner, ExceptionGroup):
+        inner = inner.exceptions[0]
+    return getattr(inner, "strerror", None) or str(inner)

@@ -1,0 +1,46 @@
+"""Logging: loguru set up from [proxy], and the hex form of bytes on the wire."""
+
+from __future__ import annotations
+
+import sys
+
+from loguru import logger
+
+from proxy.config import ProxyConfig
+
+LINE_FORMAT = "{time:YYYY-MM-DD HH:mm:ss.SSS} {level: <7} {message}"
+
+
+def setup(config: ProxyConfig) -> None:
+    """Sends log lines to stderr and, when log_file is set, to a rotated file; replaces earlier set-ups.
+
+    Sinks write directly (no enqueue): enqueue costs ~290 us a line and blocks Trio on complete().
+    """
+    logger.remove()
+    logger.add(sys.stderr, level=config.log_level, format=LINE_FORMAT, serialize=config.log_json)
+    if config.log_file:
+        logger.add(
+            config.log_file,
+            level=config.log_level,
+            format=LINE_FORMAT,
+            serialize=config.log_json,
+            rotation=config.log_rotation,
+            retention=config.log_retention,
+        )
+    global _tracing
+    _tracing = config.log_level == "TRACE"
+
+
+_tracing = False
+
+
+def tracing() -> bool:
+    """True when TRACE lines are wanted: the byte path asks this before formatting any hex."""
+    return _tracing
+
+
+def hexdump(data: bytes, limit: int = 256) -> str:
+    """Bytes as spaced hex, cut after `limit` bytes with the full length noted."""
+    if len(data) <= limit:
+        return data.hex(" ")
+    return f"{data[:limit].hex(' ')} ... ({len(data)} bytes)"

@@ -1,0 +1,177 @@
+"""The Custom ("Custom ru") fiscal register protocol: framing, checksum, frame building, exchanges.
+
+Frame, both directions (protocols.md 1.1): 01 | LEN (2 bytes LE) = len(CMD+DATA) | CMD | DATA | CS, where
+CS = (S & 0xFF) ^ (S >> 8 & 0xFF) and S is the 16-bit sum of LEN..DATA. The device answers a good frame
+with ACK 06 at once, then a response frame whose DATA starts with a 2-byte LE error code; a bad frame
+gets NAK 15. The host never acknowledges, so an exchange is complete with the response frame (or NAK).
+"""
+
+from __future__ import annotations
+
+import struct
+from array import array
+from itertools import accumulate, islice
+
+import attrs
+
+from proxy.protocols import Control, Event, Frame, Junk, ProtocolError
+
+START = 0x01
+ACK = 0x06
+NAK = 0x15
+# The PDF's largest parameter block is 909 bytes; a bigger LEN is a false start, not a frame.
+MAX_LENGTH = 4096
+DEFAULT_PASSWORD = 999999
+HEADER = 3
+
+
+def checksum(body: bytes) -> int:
+    """CS over LEN..DATA: the low byte of the 16-bit sum XOR its high byte."""
+    total = sum(body) & 0xFFFF
+    return (total & 0xFF) ^ (total >> 8)
+
+
+def build_frame(command: int, data: bytes = b"") -> bytes:
+    """A complete frame for `command` with `data`, checksum included."""
+    if not 0 <= command <= 0xFF:
+        raise ProtocolError(f"command {command} is not a byte")
+    length = 1 + len(data)
+    if length > MAX_LENGTH:
+        raise ProtocolError(f"frame of {length} bytes exceeds {MAX_LENGTH}")
+    body = struct.pack("<HB", length, command) + data
+    return bytes((START,)) + body + bytes((checksum(body),))
+
+
+def password_bytes(password: int = DEFAULT_PASSWORD) -> bytes:
+    """A command's password field: 4 bytes little-endian."""
+    return struct.pack("<I", password)
+
+
+@attrs.frozen
+class Message:
+    """A decoded frame: its command and data; for a response, `error` and the rest."""
+
+    command: int
+    data: bytes
+
+    @property
+    def error(self) -> int:
+        """A response's error code (0 = OK); responses always start with it."""
+        if len(self.data) < 2:
+            raise ProtocolError(
+                f"response to {self.command:02X}h has {len(self.data)} data bytes, no error code"
+            )
+        return struct.unpack_from("<H", self.data)[0]
+
+
+def decode(frame: bytes) -> Message:
+    """Splits a frame into command and data; ProtocolError on a wrong length or checksum."""
+    if len(frame) < HEADER + 2 or frame[0] != START:
+        raise ProtocolError(f"not a Custom frame: {frame.hex(' ')}")
+    length = struct.unpack_from("<H", frame, 1)[0]
+    if len(frame) != HEADER + length + 1:
+        raise ProtocolError(f"LEN {length} does not match a frame of {len(frame)} bytes")
+    expected = checksum(frame[1:-1])
+    if frame[-1] != expected:
+        raise ProtocolError(f"checksum {frame[-1]:02X} should be {expected:02X}")
+    return Message(frame[3], bytes(frame[4:-1]))
+
+
+class Framer:
+    """Incremental framer for one direction of a Custom link.
+
+    `from_device=True` also reports lone ACK/NAK bytes as Control events; from the host they are Junk.
+    Boundaries come from LEN alone. A candidate whose checksum fails is taken as a false start: its
+    01 becomes Junk and scanning resumes at the next byte, so a valid frame hidden behind garbage is
+    still found. Checksums come from a running prefix sum, so no byte is ever summed twice and the work
+    stays O(n) even on adversarial garbage full of 01 bytes; the buffer never holds more than one
+    partial frame after a feed().
+    """
+
+    def __init__(self, *, from_device: bool, max_length: int = MAX_LENGTH) -> None:
+        self._controls = (ACK, NAK) if from_device else ()
+        self._max_length = max_length
+        self._buffer = bytearray()
+        # _sums[i] is the sum of _buffer[:i] plus a constant offset; differences give range sums.
+        self._sums = array("Q", [0])
+
+    def feed(self, data: bytes) -> list[Event]:
+        """Adds bytes from the line; returns every event now complete."""
+        self._buffer += data
+        self._sums.extend(islice(accumulate(data, initial=self._sums[-1]), 1, None))
+        return self._scan(final=False)
+
+    def flush(self) -> list[Event]:
+        """The line went quiet: what is pending cannot complete, so it is rescanned and the rest is Junk."""
+        return self._scan(final=True)
+
+    @property
+    def pending(self) -> int:
+        """Bytes held back as the start of a frame not yet complete."""
+        return len(self._buffer)
+
+    def _scan(self, *, final: bool) -> list[Event]:
+        events: list[Event] = []
+        junk_from = None
+        buffer, sums, end = self._buffer, self._sums, len(self._buffer)
+        position = 0
+        while position < end:
+            byte = buffer[position]
+            size = self._frame_size(position) if byte == START else 0
+            if size is None:
+                if not final:
+                    break
+                size = 0
+            if byte in self._controls or size:
+                if junk_from is not None:
+                    events.append(Junk(bytes(buffer[junk_from:position])))
+                    junk_from = None
+                if size:
+                    events.append(Frame(bytes(buffer[position : position + size])))
+                    position += size
+                else:
+                    events.append(Control(byte))
+                    position += 1
+                continue
+            if junk_from is None:
+                junk_from = position
+            position += 1
+        if junk_from is not None:
+            events.append(Junk(bytes(buffer[junk_from:position])))
+        del buffer[:position]
+        del sums[:position]
+        return events
+
+    def _frame_size(self, position: int) -> int | None:
+        """Size of the valid frame starting at `position`; 0 if none can start there, None if undecided."""
+        buffer, available = self._buffer, len(self._buffer) - position
+        if available < HEADER:
+            return None
+        length = buffer[position + 1] | buffer[position + 2] << 8
+        if not 1 <= length <= self._max_length:
+            return 0
+        size = HEADER + length + 1
+        if available < size:
+            return None
+        total = (self._sums[position + size - 1] - self._sums[position + 1]) & 0xFFFF
+        valid = buffer[position + size - 1] == (total & 0xFF) ^ (total >> 8)
+        return size if valid else 0
+
+
+class Exchange:
+    """Follows the device's side of one request/response exchange.
+
+    Complete when the response frame has arrived, or a NAK refused the request.
+    """
+
+    def __init__(self) -> None:
+        self._framer = Framer(from_device=True)
+        self.complete = False
+
+    def feed(self, data: bytes) -> list[Event]:
+        """Adds bytes from the device; returns the events they completed."""
+        events = self._framer.feed(data)
+        for event in events:
+            if isinstance(event, Frame) or (isinstance(event, Control) and event.byte == NAK):
+                self.complete = True
+        return events

@@ -1,0 +1,100 @@
+"""Simulated devices: a protocol model served over any trio Stream, a pseudo-terminal or a TCP port."""
+
+from __future__ import annotations
+
+import math
+import os
+import tty
+from collections.abc import Callable
+from pathlib import Path
+from typing import Protocol
+
+import trio
+from loguru import logger
+
+from proxy.config import Address
+
+# A pause this long inside a frame makes the simulated device abandon it, as a real one's byte timeout.
+BYTE_TIMEOUT = 0.05
+
+
+class DeviceModel(Protocol):
+    """A simulated device's behaviour, free of I/O."""
+
+    def feed(self, data: bytes) -> list[bytes]: ...
+
+    def line_idle(self) -> list[bytes]: ...
+
+    @property
+    def mid_frame(self) -> bool: ...
+
+
+def model_factory(protocol: str) -> Callable[[], DeviceModel]:
+    """The simulated device class for `protocol`; KeyError when there is none."""
+    from proxy.simulators.custom import CustomRegister
+
+    return {"custom": CustomRegister}[protocol]
+
+
+async def serve_stream(stream: trio.abc.Stream, model: DeviceModel) -> None:
+    """Answers the host on `stream` until it closes the stream; the caller closes it."""
+    while True:
+        with trio.move_on_after(BYTE_TIMEOUT if model.mid_frame else math.inf) as quiet:
+            data = await stream.receive_some()
+        if quiet.cancelled_caught:
+            writes = model.line_idle()
+        elif not data:
+            return
+        else:
+            writes = model.feed(data)
+        for write in writes:
+            await stream.send_all(write)
+
+
+async def serve_pty(protocol: str, link: Path, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """Runs the device on a new pseudo-terminal; `link` becomes a symlink to its slave side.
+
+    Resource handling: the pty pair and the symlink are removed when this returns or is cancelled.
+    A host that closes the slave side does not end the device: the next open finds it again.
+    """
+    master, slave, slave_path = _open_pty(link)
+    stream = trio.lowlevel.FdStream(master)
+    try:
+        task_status.started(slave_path)
+        logger.info("simulated {} device on {} (link {})", protocol, slave_path, link)
+        model = model_factory(protocol)()
+        # Keeping the slave open here means a host that closes it causes no EIO on the master side.
+        await serve_stream(stream, model)
+    finally:
+        _close_pty(link, slave)
+        await stream.aclose()
+
+
+def _open_pty(link: Path) -> tuple[int, int, str]:
+    master, slave = os.openpty()
+    tty.setraw(slave)
+    slave_path = os.ttyname(slave)
+    link.unlink(missing_ok=True)
+    link.symlink_to(slave_path)
+    return master, slave, slave_path
+
+
+def _close_pty(link: Path, slave: int) -> None:
+    link.unlink(missing_ok=True)
+    os.close(slave)
+
+
+async def serve_tcp(protocol: str, address: Address, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """Runs the device on a TCP port; every connection gets a device of its own."""
+    listeners = await trio.open_tcp_listeners(address.port, host=address.host)
+    bound = listeners[0].socket.getsockname()
+    task_status.started(Address(bound[0], bound[1]))
+    logger.info("simulated {} device listening on {}:{}", protocol, bound[0], bound[1])
+
+    async def serve_one(stream: trio.SocketStream) -> None:
+        try:
+            await serve_stream(stream, model_factory(protocol)())
+        except trio.BrokenResourceError:
+            logger.info("simulated {} device: host went away", protocol)
+
+    await trio.serve_listeners(serve_one, listeners)
