@@ -283,6 +283,7 @@ class Device:
             raise self._refusal()
         self.holder = lease
         lease._link = self._link
+        lease.last_activity = trio.current_time()
         self.counters.leases_granted += 1
         self._set_state(State.BUSY)
         logger.info(

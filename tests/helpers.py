@@ -1,0 +1,135 @@
+"""Real devices for the tests: pseudo-terminals and TCP servers on 127.0.0.1, and a running proxy."""
+
+from __future__ import annotations
+
+import os
+import tty
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import trio
+
+from proxy.app import Running, serve
+from proxy.config import Address, Settings, parse
+from proxy.device import Device
+
+WAIT_LIMIT = 20.0
+
+
+def settings_for(*devices: dict, **proxy: object) -> Settings:
+    """Settings through the real parser; each device listens on a free port unless it says otherwise."""
+    tables = [{"listen": ["127.0.0.1:0"], **device} for device in devices]
+    return parse({"proxy": {"status": "", **proxy}, "device": tables})
+
+
+@asynccontextmanager
+async def running_proxy(settings: Settings) -> AsyncIterator[Running]:
+    """The proxy serving `settings` inside the test; cancelled when the block ends."""
+    async with trio.open_nursery() as nursery:
+        running = await nursery.start(serve, settings)
+        yield running
+        nursery.cancel_scope.cancel()
+
+
+async def connect(running: Running, name: str) -> trio.SocketStream:
+    address = running.addresses[name][0]
+    return await trio.open_tcp_stream(address.host, address.port)
+
+
+async def wait_for(condition: Callable[[], bool], what: str = "condition") -> None:
+    """Waits until `condition()` holds: a state the proxy reaches, checked after each scheduling round."""
+    with trio.fail_after(WAIT_LIMIT):
+        while not condition():
+            await trio.sleep(0.001)
+
+
+async def receive_exactly(stream: trio.abc.ReceiveStream, count: int) -> bytes:
+    data = bytearray()
+    with trio.fail_after(WAIT_LIMIT):
+        while len(data) < count:
+            chunk = await stream.receive_some(count - len(data))
+            if not chunk:
+                raise AssertionError(f"end of stream after {len(data)} of {count} bytes: {bytes(data)[:64]!r}")
+            data += chunk
+    return bytes(data)
+
+
+async def receive_until_closed(stream: trio.abc.ReceiveStream) -> bytes:
+    """Everything the peer sends before it closes the connection."""
+    data = bytearray()
+    with trio.fail_after(WAIT_LIMIT):
+        while chunk := await stream.receive_some():
+            data += chunk
+    return bytes(data)
+
+
+class PtyDevice:
+    """The device end of a pseudo-terminal; the proxy opens `path`, a symlink to the slave side.
+
+    plug() makes a new pty behind the same path, as a USB device that is unplugged and plugged back.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.stream: trio.lowlevel.FdStream | None = None
+        self._slave: int | None = None
+
+    def plug(self) -> trio.lowlevel.FdStream:
+        master, slave = os.openpty()
+        tty.setraw(master)
+        tty.setraw(slave)
+        self.path.unlink(missing_ok=True)
+        self.path.symlink_to(os.ttyname(slave))
+        self.stream, self._slave = trio.lowlevel.FdStream(master), slave
+        # The slave stays open here until the proxy has opened it, so the master sees no hang-up.
+        return self.stream
+
+    def release_slave(self) -> None:
+        if self._slave is not None:
+            os.close(self._slave)
+            self._slave = None
+
+    async def unplug(self) -> None:
+        """Closes the master side: the proxy sees the device vanish."""
+        self.release_slave()
+        self.path.unlink(missing_ok=True)
+        if self.stream is not None:
+            await self.stream.aclose()
+            self.stream = None
+
+
+class TcpDevice:
+    """A device on a TCP port of 127.0.0.1: each connection the proxy makes arrives on `connections`."""
+
+    def __init__(self) -> None:
+        self.send_connection, self.connections = trio.open_memory_channel[trio.SocketStream](10)
+        self.address: Address | None = None
+        self.accepted = 0
+
+    async def serve(self, *, task_status: trio.TaskStatus[Address] = trio.TASK_STATUS_IGNORED) -> None:
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        host, port = listeners[0].socket.getsockname()[:2]
+        self.address = Address(host, port)
+        task_status.started(self.address)
+
+        async def handler(stream: trio.SocketStream) -> None:
+            self.accepted += 1
+            await self.send_connection.send(stream)
+            await trio.sleep_forever()
+
+        await trio.serve_listeners(handler, listeners)
+
+    async def next_connection(self) -> trio.SocketStream:
+        with trio.fail_after(WAIT_LIMIT):
+            return await self.connections.receive()
+
+
+async def echo(stream: trio.abc.Stream) -> None:
+    """A device that sends back what it gets."""
+    while data := await stream.receive_some():
+        await stream.send_all(data)
+
+
+def device_of(running: Running, name: str) -> Device:
+    return running.devices[name]
