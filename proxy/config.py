@@ -271,11 +271,9 @@ def _device_table(index: int, raw: dict[str, Any], problems: _Problems) -> Devic
     table.seconds("idle_timeout", positive=False)
     table.integer("max_clients", 1)
     table.take("allow", lambda v: isinstance(v, list), "a list of networks", _list_of(_parse_network))
-    if "name" not in table.values:
-        return None
-    config = DeviceConfig(**table.values)
+    config = DeviceConfig(**{"name": "", **table.values})
     _check_device(table, config)
-    return config
+    return config if config.name else None
 
 
 def _check_name(value: str) -> str:
@@ -293,10 +291,11 @@ def _parse_busy_reply(value: str) -> bytes:
 def _check_device(table: _Table, config: DeviceConfig) -> None:
     """Checks that need several keys of one device."""
     raw = table.raw
-    if config.type in ("serial", "tcp") and not config.path and "path" not in raw:
+    if config.type in ("serial", "tcp") and "path" not in raw:
         table.fail("path", f"is missing (a {config.type} device needs one)")
-    if config.type == "serial" and "path" in raw and not config.path:
-        table.fail("path", "is empty (a serial device needs its device path, e.g. /dev/ttyUSB0)")
+    if config.type in ("serial", "tcp") and "path" in raw and not config.path:
+        example = "/dev/ttyUSB0" if config.type == "serial" else "192.168.0.89:9100"
+        table.fail("path", f"is empty (a {config.type} device needs one, e.g. {example})")
     if config.type == "tcp" and config.path:
         try:
             address = parse_address(config.path)

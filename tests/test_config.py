@@ -1,0 +1,197 @@
+"""settings.toml: defaults, and one ConfigError naming table, key and value for every problem."""
+
+from __future__ import annotations
+
+import ipaddress
+
+import pytest
+
+from proxy.config import Address, ConfigError, ProxyConfig, load, parse
+
+GOOD_DEVICE = {"name": "fptr1", "type": "serial", "path": "/dev/ttyUSB0", "listen": ["127.0.0.1:8000"]}
+
+
+def problems_of(raw: dict) -> list[str]:
+    with pytest.raises(ConfigError) as caught:
+        parse(raw, "settings.toml")
+    return caught.value.problems
+
+
+def one_problem(raw: dict) -> str:
+    problems = problems_of(raw)
+    assert len(problems) == 1, problems
+    return problems[0]
+
+
+def device(**keys) -> dict:
+    return {"device": [{**GOOD_DEVICE, **keys}]}
+
+
+def test_shipped_settings_file_is_valid():
+    settings = load("settings.toml")
+    assert [d.name for d in settings.devices] == ["custom-sim"]
+    assert settings.devices[0].type == "simulator"
+    assert settings.devices[0].listen == (Address("127.0.0.1", 8000),)
+
+
+def test_every_key_has_a_default():
+    settings = parse(device())
+    assert settings.proxy == ProxyConfig()
+    config = settings.devices[0]
+    assert (config.baudrate, config.bytesize, config.parity, config.stopbits) == (115200, 8, "N", 1)
+    assert (config.protocol, config.sharing, config.acquire_timeout, config.busy_reply) == ("raw", "session", 5.0, b"")
+    assert (config.reconnect_interval, config.release_port, config.idle_timeout, config.max_clients) == (
+        2.0,
+        False,
+        0.0,
+        32,
+    )
+
+
+def test_every_key_is_read():
+    settings = parse(
+        {
+            "proxy": {
+                "log_level": "TRACE",
+                "log_file": "/tmp/devproxy.log",
+                "log_rotation": "1 MB",
+                "log_retention": 2,
+                "log_json": True,
+                "status": "0.0.0.0:8600",
+                "status_token": "secret",
+            },
+            "device": [
+                {
+                    **GOOD_DEVICE,
+                    "baudrate": 9600,
+                    "bytesize": 7,
+                    "parity": "E",
+                    "stopbits": 2,
+                    "protocol": "custom",
+                    "listen": ["127.0.0.1:8000", "[::1]:8001"],
+                    "acquire_timeout": 1,
+                    "busy_reply": "15 0a",
+                    "response_timeout": 2.5,
+                    "exchange_timeout": 10,
+                    "frame_gap": 0.1,
+                    "reconnect_interval": 0,
+                    "release_port": True,
+                    "idle_timeout": 30,
+                    "max_clients": 4,
+                    "allow": ["192.168.1.0/24", "10.0.0.1"],
+                }
+            ],
+        }
+    )
+    proxy, config = settings.proxy, settings.devices[0]
+    assert proxy.log_json and proxy.status == Address("0.0.0.0", 8600) and proxy.status_token == "secret"
+    assert config.listen == (Address("127.0.0.1", 8000), Address("::1", 8001))
+    assert config.busy_reply == b"\x15\x0a"
+    assert config.stopbits == 2 and config.parity == "E" and config.bytesize == 7
+    assert config.allow == (ipaddress.ip_network("192.168.1.0/24"), ipaddress.ip_network("10.0.0.1/32"))
+    assert config.acquire_timeout == 1.0 and isinstance(config.acquire_timeout, float)
+
+
+def test_empty_status_turns_the_status_server_off():
+    assert parse({"proxy": {"status": ""}}).proxy.status is None
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ({"dialup": {}}, "unknown table or key [dialup]"),
+        ({"proxy": {"colour": "red"}}, "[proxy]: unknown key 'colour' = 'red'"),
+        ({"proxy": {"log_level": "LOUD"}}, "[proxy]: log_level 'LOUD' is not one of TRACE"),
+        ({"proxy": {"log_json": "yes"}}, "[proxy]: log_json 'yes' is a string, expected true or false"),
+        ({"proxy": {"log_retention": -1}}, "[proxy]: log_retention -1 is not >= 0"),
+        ({"proxy": {"log_rotation": "big"}}, "[proxy]: log_rotation 'big' is not a size"),
+        ({"proxy": {"status": "8600"}}, "[proxy]: status '8600' is not HOST:PORT"),
+        ({"proxy": "loud"}, "[proxy]: must be a table"),
+        ({"device": {"name": "x"}}, "[[device]]: must be an array of tables"),
+        (device(colour="red"), "device 'fptr1': unknown key 'colour' = 'red'"),
+        (device(type="usb"), "device 'fptr1': type 'usb' is not one of serial, tcp, simulator"),
+        (device(baudrate="fast"), "device 'fptr1': baudrate 'fast' is a string, expected an integer"),
+        (device(baudrate=True), "device 'fptr1': baudrate True is a boolean, expected an integer"),
+        (device(baudrate=0), "device 'fptr1': baudrate 0 is not >= 1"),
+        (device(bytesize=9), "device 'fptr1': bytesize 9 is not in 5-8"),
+        (device(parity="X"), "device 'fptr1': parity 'X' is not one of N, E, O, M, S"),
+        (device(stopbits=3), "device 'fptr1': stopbits 3 is an integer, expected 1, 1.5 or 2"),
+        (device(protocol="modbus"), "device 'fptr1': protocol 'modbus' is not one of raw, custom"),
+        (device(listen="127.0.0.1:8000"), "device 'fptr1': listen '127.0.0.1:8000' is a string, expected a list"),
+        (device(listen=["8000"]), "device 'fptr1': listen '8000' is not HOST:PORT"),
+        (device(listen=["127.0.0.1:70000"]), "device 'fptr1': listen '127.0.0.1:70000': port 70000 is not in 0-65535"),
+        (device(listen=[]), "device 'fptr1': listen is empty: no client could reach this device"),
+        (device(sharing="shared"), "device 'fptr1': sharing 'shared' is not one of session, exchange"),
+        (device(sharing="exchange"), "device 'fptr1': sharing 'exchange' is not available in this version"),
+        (device(acquire_timeout=-1), "device 'fptr1': acquire_timeout -1 must be >= 0 seconds"),
+        (device(acquire_timeout=float("nan")), "device 'fptr1': acquire_timeout nan is a number, expected"),
+        (device(response_timeout=0), "device 'fptr1': response_timeout 0 must be > 0 seconds"),
+        (device(busy_reply="busy"), "device 'fptr1': busy_reply 'busy' is not hex bytes"),
+        (device(busy_reply="auto"), "device 'fptr1': busy_reply 'auto' (the protocol's own busy answer) comes with"),
+        (device(release_port=1), "device 'fptr1': release_port 1 is an integer, expected true or false"),
+        (device(max_clients=0), "device 'fptr1': max_clients 0 is not >= 1"),
+        (device(allow=["everyone"]), "device 'fptr1': allow 'everyone' is not a network in CIDR form"),
+        (device(allow="10.0.0.0/8"), "device 'fptr1': allow '10.0.0.0/8' is a string, expected a list of networks"),
+        (device(name="fptr 1"), "device 'fptr 1': name 'fptr 1' may hold only letters, digits, '-' and '_'"),
+        (device(path=""), "device 'fptr1': path is empty"),
+        (device(type="tcp", path="printer"), "device 'fptr1': path 'printer' is not HOST:PORT"),
+        (device(type="tcp", path="10.0.0.5:0"), "device 'fptr1': path '10.0.0.5:0': a device's port cannot be 0"),
+        (device(type="simulator", protocol="raw"), "device 'fptr1': protocol 'raw' has no simulator"),
+    ],
+)
+def test_each_bad_value_is_one_problem_naming_table_key_and_value(raw, expected):
+    assert one_problem(raw).startswith(expected) or expected in one_problem(raw)
+
+
+def test_missing_name_and_path_are_reported():
+    problems = problems_of({"device": [{"type": "serial", "listen": ["127.0.0.1:1"]}]})
+    assert problems == ["[[device]] #1: name is missing", "[[device]] #1: path is missing (a serial device needs one)"]
+
+
+def test_missing_listen_is_reported():
+    assert one_problem({"device": [{"name": "a", "path": "/dev/ttyS0"}]}) == (
+        "device 'a': listen is missing: no client could reach this device"
+    )
+
+
+def test_duplicate_names_and_clashing_ports_are_reported():
+    problems = problems_of(
+        {
+            "proxy": {"status": "127.0.0.1:8600"},
+            "device": [
+                {**GOOD_DEVICE, "name": "a", "listen": ["127.0.0.1:8000"]},
+                {**GOOD_DEVICE, "name": "a", "listen": ["0.0.0.0:8000"]},
+                {**GOOD_DEVICE, "name": "b", "listen": ["127.0.0.1:8600", "127.0.0.2:8001"]},
+                {**GOOD_DEVICE, "name": "c", "listen": ["127.0.0.1:8001", "127.0.0.1:0", "127.0.0.1:0"]},
+            ],
+        }
+    )
+    assert problems == [
+        "device 'a': name 'a' is used by another device",
+        "device 'a': listen '0.0.0.0:8000' clashes with '127.0.0.1:8000' of device 'a' listen",
+        "device 'b': listen '127.0.0.1:8600' clashes with '127.0.0.1:8600' of [proxy] status",
+    ]
+
+
+def test_every_problem_is_reported_at_once():
+    problems = problems_of(
+        {
+            "proxy": {"log_level": "LOUD", "status": "nowhere"},
+            "device": [{**GOOD_DEVICE, "baudrate": -5, "listen": ["x"]}, {**GOOD_DEVICE, "name": "b", "type": "fax"}],
+        }
+    )
+    assert len(problems) == 5
+    assert str(ConfigError("settings.toml", problems)).startswith("settings.toml: 5 problem(s):\n  - [proxy]")
+
+
+def test_unreadable_and_invalid_files_are_config_errors(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read the file"):
+        load(tmp_path / "absent.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[proxy\nlog_level = 1")
+    with pytest.raises(ConfigError, match="is not valid TOML"):
+        load(bad)
+    binary = tmp_path / "binary.toml"
+    binary.write_bytes(b"\xff\xfe\x00")
+    with pytest.raises(ConfigError, match="is not UTF-8"):
+        load(binary)
