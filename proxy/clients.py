@@ -44,12 +44,12 @@ async def handle_client(device: Device, stream: trio.SocketStream) -> None:
     async with stream:
         refusal = _admission(device, stream)
         if refusal:
-            device.counters.refused[refusal[0]] += 1
+            device.count_refusal(refusal[0])
             logger.info("{}: client {} refused: {}", device.name, client, refusal[1])
             if refusal[0] != "not allowed":
                 await _refuse(stream, device.config.busy_reply)
             return
-        device.clients += 1
+        device.client_connected()
         logger.info("{}: client {} connected ({} connected)", device.name, client, device.clients)
         try:
             await _session(device, stream, client)
@@ -60,7 +60,7 @@ async def handle_client(device: Device, stream: trio.SocketStream) -> None:
             # A bug must cost this one client its connection, never the proxy or the other clients.
             logger.exception("{}: client {}: unexpected error; connection closed", device.name, client)
         finally:
-            device.clients -= 1
+            device.client_disconnected()
 
 
 def _admission(device: Device, stream: trio.SocketStream) -> tuple[str, str] | None:

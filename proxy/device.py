@@ -124,7 +124,8 @@ class Device:
         self._link: trio.abc.Stream | None = None
         self._link_scope: trio.CancelScope | None = None
         self._link_reset_reason = ""
-        # Set whenever the link comes or goes; replaced after each set so every waiter sees each change.
+        # Set on every change an observer can see (state, holder, waiters, clients, refusals, dropped
+        # bytes); replaced after each set, so every waiter sees each change. Not set per forwarded chunk.
         self._changed = trio.Event()
         # release_port: set while a lease wants the link opened.
         self._demand = trio.Event()
@@ -228,6 +229,7 @@ class Device:
             lease = self.holder
             if lease is None:
                 counters.unsolicited_bytes += len(data)
+                self._notify()
                 logger.debug(
                     "{}: {} bytes from the device with no client holding it, dropped: {}",
                     self.name,
@@ -249,12 +251,29 @@ class Device:
         self._changed.set()
         self._changed = trio.Event()
 
+    async def changed(self) -> None:
+        """Returns at the next change of state, holder, waiters, clients, refusals or dropped bytes."""
+        await self._changed.wait()
+
+    def client_connected(self) -> None:
+        self.clients += 1
+        self._notify()
+
+    def client_disconnected(self) -> None:
+        self.clients -= 1
+        self._notify()
+
+    def count_refusal(self, reason: str) -> None:
+        self.counters.refused[reason] += 1
+        self._notify()
+
     def _set_state(self, state: State, why: str = "") -> None:
         if state != self.state and why:
             retry = f"; {self._retry_note()}" if state == State.OFFLINE else ""
             level = "WARNING" if state == State.OFFLINE else "INFO"
             logger.log(level, "{}: {}{}", self.name, why, retry)
         self.state = state
+        self._notify()
 
     # -- leases ----------------------------------------------------------------------------------
 
@@ -269,6 +288,7 @@ class Device:
         started = trio.current_time()
         holding = granted = False
         self.waiting += 1
+        self._notify()
         try:
             with trio.move_on_after(self.config.acquire_timeout):
                 await self._lock.acquire()
@@ -276,6 +296,7 @@ class Device:
                 granted = await self._wait_for_link()
         finally:
             self.waiting -= 1
+            self._notify()
             if holding and not granted:
                 self._end_demand()
                 self._lock.release()
@@ -299,6 +320,7 @@ class Device:
                 self._end_demand()
                 self.reset_link("")
             self._lock.release()
+            self._notify()
             logger.info("{}: {} released the device", self.name, client)
 
     async def _wait_for_link(self) -> bool:
@@ -320,6 +342,7 @@ class Device:
             await trio.lowlevel.checkpoint()
             if dropped:
                 self.counters.unsolicited_bytes += dropped
+                self._notify()
                 logger.debug("{}: dropped {} stale bytes before the next lease", self.name, dropped)
             if self._link is link:
                 return True
@@ -335,5 +358,5 @@ class Device:
             reason, detail = "busy", f"held by {self.holder.client}"
         else:
             reason, detail = "busy", "other clients were waiting first"
-        self.counters.refused[reason] += 1
+        self.count_refusal(reason)
         return Refused(reason, detail)

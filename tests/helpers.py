@@ -37,11 +37,11 @@ async def connect(running: Running, name: str) -> trio.SocketStream:
     return await trio.open_tcp_stream(address.host, address.port)
 
 
-async def wait_for(condition: Callable[[], bool], what: str = "condition") -> None:
-    """Waits until `condition()` holds: a state the proxy reaches, checked after each scheduling round."""
+async def wait_for(device: Device, condition: Callable[[], bool]) -> None:
+    """Waits until `condition()` holds, checking it at each change the device reports."""
     with trio.fail_after(WAIT_LIMIT):
         while not condition():
-            await trio.sleep(0.001)
+            await device.changed()
 
 
 async def receive_exactly(stream: trio.abc.ReceiveStream, count: int) -> bytes:
@@ -50,7 +50,9 @@ async def receive_exactly(stream: trio.abc.ReceiveStream, count: int) -> bytes:
         while len(data) < count:
             chunk = await stream.receive_some(count - len(data))
             if not chunk:
-                raise AssertionError(f"end of stream after {len(data)} of {count} bytes: {bytes(data)[:64]!r}")
+                raise AssertionError(
+                    f"end of stream after {len(data)} of {count} bytes: {bytes(data)[:64]!r}"
+                )
             data += chunk
     return bytes(data)
 
@@ -123,13 +125,3 @@ class TcpDevice:
     async def next_connection(self) -> trio.SocketStream:
         with trio.fail_after(WAIT_LIMIT):
             return await self.connections.receive()
-
-
-async def echo(stream: trio.abc.Stream) -> None:
-    """A device that sends back what it gets."""
-    while data := await stream.receive_some():
-        await stream.send_all(data)
-
-
-def device_of(running: Running, name: str) -> Device:
-    return running.devices[name]

@@ -39,7 +39,12 @@ def test_every_key_has_a_default():
     assert settings.proxy == ProxyConfig()
     config = settings.devices[0]
     assert (config.baudrate, config.bytesize, config.parity, config.stopbits) == (115200, 8, "N", 1)
-    assert (config.protocol, config.sharing, config.acquire_timeout, config.busy_reply) == ("raw", "session", 5.0, b"")
+    assert (config.protocol, config.sharing, config.acquire_timeout, config.busy_reply) == (
+        "raw",
+        "session",
+        5.0,
+        b"",
+    )
     assert (config.reconnect_interval, config.release_port, config.idle_timeout, config.max_clients) == (
         2.0,
         False,
@@ -117,9 +122,15 @@ def test_empty_status_turns_the_status_server_off():
         (device(parity="X"), "device 'fptr1': parity 'X' is not one of N, E, O, M, S"),
         (device(stopbits=3), "device 'fptr1': stopbits 3 is an integer, expected 1, 1.5 or 2"),
         (device(protocol="modbus"), "device 'fptr1': protocol 'modbus' is not one of raw, custom"),
-        (device(listen="127.0.0.1:8000"), "device 'fptr1': listen '127.0.0.1:8000' is a string, expected a list"),
+        (
+            device(listen="127.0.0.1:8000"),
+            "device 'fptr1': listen '127.0.0.1:8000' is a string, expected a list",
+        ),
         (device(listen=["8000"]), "device 'fptr1': listen '8000' is not HOST:PORT"),
-        (device(listen=["127.0.0.1:70000"]), "device 'fptr1': listen '127.0.0.1:70000': port 70000 is not in 0-65535"),
+        (
+            device(listen=["127.0.0.1:70000"]),
+            "device 'fptr1': listen '127.0.0.1:70000': port 70000 is not in 0-65535",
+        ),
         (device(listen=[]), "device 'fptr1': listen is empty: no client could reach this device"),
         (device(sharing="shared"), "device 'fptr1': sharing 'shared' is not one of session, exchange"),
         (device(sharing="exchange"), "device 'fptr1': sharing 'exchange' is not available in this version"),
@@ -127,15 +138,24 @@ def test_empty_status_turns_the_status_server_off():
         (device(acquire_timeout=float("nan")), "device 'fptr1': acquire_timeout nan is a number, expected"),
         (device(response_timeout=0), "device 'fptr1': response_timeout 0 must be > 0 seconds"),
         (device(busy_reply="busy"), "device 'fptr1': busy_reply 'busy' is not hex bytes"),
-        (device(busy_reply="auto"), "device 'fptr1': busy_reply 'auto' (the protocol's own busy answer) comes with"),
+        (
+            device(busy_reply="auto"),
+            "device 'fptr1': busy_reply 'auto' (the protocol's own busy answer) comes with",
+        ),
         (device(release_port=1), "device 'fptr1': release_port 1 is an integer, expected true or false"),
         (device(max_clients=0), "device 'fptr1': max_clients 0 is not >= 1"),
         (device(allow=["everyone"]), "device 'fptr1': allow 'everyone' is not a network in CIDR form"),
-        (device(allow="10.0.0.0/8"), "device 'fptr1': allow '10.0.0.0/8' is a string, expected a list of networks"),
+        (
+            device(allow="10.0.0.0/8"),
+            "device 'fptr1': allow '10.0.0.0/8' is a string, expected a list of networks",
+        ),
         (device(name="fptr 1"), "device 'fptr 1': name 'fptr 1' may hold only letters, digits, '-' and '_'"),
         (device(path=""), "device 'fptr1': path is empty"),
         (device(type="tcp", path="printer"), "device 'fptr1': path 'printer' is not HOST:PORT"),
-        (device(type="tcp", path="10.0.0.5:0"), "device 'fptr1': path '10.0.0.5:0': a device's port cannot be 0"),
+        (
+            device(type="tcp", path="10.0.0.5:0"),
+            "device 'fptr1': path '10.0.0.5:0': a device's port cannot be 0",
+        ),
         (device(type="simulator", protocol="raw"), "device 'fptr1': protocol 'raw' has no simulator"),
     ],
 )
@@ -145,7 +165,10 @@ def test_each_bad_value_is_one_problem_naming_table_key_and_value(raw, expected)
 
 def test_missing_name_and_path_are_reported():
     problems = problems_of({"device": [{"type": "serial", "listen": ["127.0.0.1:1"]}]})
-    assert problems == ["[[device]] #1: name is missing", "[[device]] #1: path is missing (a serial device needs one)"]
+    assert problems == [
+        "[[device]] #1: name is missing",
+        "[[device]] #1: path is missing (a serial device needs one)",
+    ]
 
 
 def test_missing_listen_is_reported():
@@ -177,7 +200,10 @@ def test_every_problem_is_reported_at_once():
     problems = problems_of(
         {
             "proxy": {"log_level": "LOUD", "status": "nowhere"},
-            "device": [{**GOOD_DEVICE, "baudrate": -5, "listen": ["x"]}, {**GOOD_DEVICE, "name": "b", "type": "fax"}],
+            "device": [
+                {**GOOD_DEVICE, "baudrate": -5, "listen": ["x"]},
+                {**GOOD_DEVICE, "name": "b", "type": "fax"},
+            ],
         }
     )
     assert len(problems) == 5

@@ -6,18 +6,17 @@ import os
 
 import pytest
 import trio
-
 from helpers import (
     PtyDevice,
     TcpDevice,
     connect,
-    echo,
     receive_exactly,
     receive_until_closed,
     running_proxy,
     settings_for,
     wait_for,
 )
+
 from proxy.device import State
 
 SIZES = [1, 1000, 65536 + 7, 1024 * 1024]
@@ -43,7 +42,7 @@ async def test_serial_device_on_a_pty_passes_bytes_both_ways_unchanged(tmp_path,
     device_end = pty.plug()
     settings = settings_for({"name": "fptr", "type": "serial", "path": str(pty.path)})
     async with running_proxy(settings) as running:
-        await wait_for(lambda: running.devices["fptr"].state == State.IDLE)
+        await wait_for(running.devices["fptr"], lambda: running.devices["fptr"].state == State.IDLE)
         pty.release_slave()
         async with await connect(running, "fptr") as client:
             await exchange_both_ways(client, device_end, size)
@@ -59,19 +58,27 @@ async def test_tcp_device_passes_bytes_both_ways_unchanged(size):
         async with running_proxy(settings) as running:
             device_end = await tcp.next_connection()
             async with await connect(running, "printer") as client:
-                await wait_for(lambda: running.devices["printer"].state == State.BUSY)
+                await wait_for(
+                    running.devices["printer"], lambda: running.devices["printer"].state == State.BUSY
+                )
                 await exchange_both_ways(client, device_end, size)
         nursery.cancel_scope.cancel()
 
 
 async def test_second_client_is_refused_with_busy_reply_after_acquire_timeout():
     settings = settings_for(
-        {"name": "reg", "type": "simulator", "protocol": "custom", "acquire_timeout": 0.2, "busy_reply": "15 42"}
+        {
+            "name": "reg",
+            "type": "simulator",
+            "protocol": "custom",
+            "acquire_timeout": 0.2,
+            "busy_reply": "15 42",
+        }
     )
     async with running_proxy(settings) as running:
         device = running.devices["reg"]
         holder = await connect(running, "reg")
-        await wait_for(lambda: device.state == State.BUSY)
+        await wait_for(device, lambda: device.state == State.BUSY)
         async with await connect(running, "reg") as second:
             assert await receive_until_closed(second) == b"\x15\x42"
         assert device.counters.refused["busy"] == 1
@@ -85,12 +92,11 @@ async def test_a_refused_client_gets_the_busy_reply_even_with_an_unread_request(
     settings = settings_for(
         {"name": "reg", "type": "simulator", "protocol": "custom", "acquire_timeout": 0.1, "busy_reply": "aa"}
     )
-    async with running_proxy(settings) as running:
-        async with await connect(running, "reg"):
-            await wait_for(lambda: running.devices["reg"].state == State.BUSY)
-            async with await connect(running, "reg") as second:
-                await second.send_all(b"request that nobody reads" * 100)
-                assert await receive_until_closed(second) == b"\xaa"
+    async with running_proxy(settings) as running, await connect(running, "reg"):
+        await wait_for(running.devices["reg"], lambda: running.devices["reg"].state == State.BUSY)
+        async with await connect(running, "reg") as second:
+            await second.send_all(b"request that nobody reads" * 100)
+            assert await receive_until_closed(second) == b"\xaa"
 
 
 async def test_waiting_clients_get_the_device_in_arrival_order():
@@ -102,12 +108,12 @@ async def test_waiting_clients_get_the_device_in_arrival_order():
             device = running.devices["dev"]
             device_end = await tcp.next_connection()
             first = await connect(running, "dev")
-            await wait_for(lambda: device.state == State.BUSY)
+            await wait_for(device, lambda: device.state == State.BUSY)
             waiters = []
             for number in range(3):
                 waiter = await connect(running, "dev")
                 await waiter.send_all(b"waiter %d" % number)
-                await wait_for(lambda n=number: device.waiting == n + 1)
+                await wait_for(device, lambda n=number: device.waiting == n + 1)
                 waiters.append(waiter)
             await first.aclose()
             for number, waiter in enumerate(waiters):
@@ -131,10 +137,10 @@ async def test_client_waiting_for_an_absent_device_is_served_once_it_appears(tmp
     )
     async with running_proxy(settings) as running:
         device = running.devices["late"]
-        await wait_for(lambda: device.state == State.OFFLINE)
+        await wait_for(device, lambda: device.state == State.OFFLINE)
         async with await connect(running, "late") as client:
             await client.send_all(b"hello")
-            await wait_for(lambda: device.waiting == 1)
+            await wait_for(device, lambda: device.waiting == 1)
             device_end = pty.plug()
             assert await receive_exactly(device_end, 5) == b"hello"
             await device_end.send_all(b"world")
@@ -146,19 +152,25 @@ async def test_link_lost_disconnects_the_holder_and_the_next_client_is_served_af
     pty = PtyDevice(tmp_path / "ttyLOST")
     pty.plug()
     settings = settings_for(
-        {"name": "lost", "type": "serial", "path": str(pty.path), "reconnect_interval": 0.02, "acquire_timeout": 30}
+        {
+            "name": "lost",
+            "type": "serial",
+            "path": str(pty.path),
+            "reconnect_interval": 0.02,
+            "acquire_timeout": 30,
+        }
     )
     async with running_proxy(settings) as running:
         device = running.devices["lost"]
-        await wait_for(lambda: device.state == State.IDLE)
+        await wait_for(device, lambda: device.state == State.IDLE)
         pty.release_slave()
         async with await connect(running, "lost") as holder:
-            await wait_for(lambda: device.state == State.BUSY)
+            await wait_for(device, lambda: device.state == State.BUSY)
             await pty.unplug()
             assert await receive_until_closed(holder) == b""
         assert device.counters.link_losses == 1
         device_end = pty.plug()
-        await wait_for(lambda: device.state == State.IDLE)
+        await wait_for(device, lambda: device.state == State.IDLE)
         async with await connect(running, "lost") as client:
             await client.send_all(b"again")
             assert await receive_exactly(device_end, 5) == b"again"
@@ -171,13 +183,13 @@ async def test_bytes_sent_after_a_lease_ended_never_reach_the_next_client(tmp_pa
     settings = settings_for({"name": "stale", "type": "serial", "path": str(pty.path)})
     async with running_proxy(settings) as running:
         device = running.devices["stale"]
-        await wait_for(lambda: device.state == State.IDLE)
+        await wait_for(device, lambda: device.state == State.IDLE)
         async with await connect(running, "stale") as first:
             await first.send_all(b"slow request")
             assert await receive_exactly(device_end, 12) == b"slow request"
-        await wait_for(lambda: device.holder is None)
+        await wait_for(device, lambda: device.holder is None)
         await device_end.send_all(b"LATE ANSWER")
-        await wait_for(lambda: device.counters.unsolicited_bytes == 11)
+        await wait_for(device, lambda: device.counters.unsolicited_bytes == 11)
         async with await connect(running, "stale") as second:
             await second.send_all(b"ping")
             assert await receive_exactly(device_end, 4) == b"ping"
@@ -194,10 +206,10 @@ async def test_bytes_buffered_before_a_lease_are_discarded_when_it_starts():
         async with running_proxy(settings) as running:
             device = running.devices["buf"]
             device_end = await tcp.next_connection()
-            await wait_for(lambda: device.state == State.IDLE)
+            await wait_for(device, lambda: device.state == State.IDLE)
             await device_end.send_all(b"x" * 100_000)
             async with await connect(running, "buf") as client:
-                await wait_for(lambda: device.state == State.BUSY)
+                await wait_for(device, lambda: device.state == State.BUSY)
                 await client.send_all(b"q")
                 assert await receive_exactly(device_end, 1) == b"q"
                 assert device.counters.unsolicited_bytes == 100_000
@@ -208,7 +220,13 @@ async def test_bytes_buffered_before_a_lease_are_discarded_when_it_starts():
 
 async def test_client_outside_allow_is_closed_without_a_reply():
     settings = settings_for(
-        {"name": "reg", "type": "simulator", "protocol": "custom", "allow": ["10.0.0.0/8"], "busy_reply": "15"}
+        {
+            "name": "reg",
+            "type": "simulator",
+            "protocol": "custom",
+            "allow": ["10.0.0.0/8"],
+            "busy_reply": "15",
+        }
     )
     async with running_proxy(settings) as running:
         async with await connect(running, "reg") as client:
@@ -220,22 +238,27 @@ async def test_client_inside_allow_is_served():
     settings = settings_for(
         {"name": "reg", "type": "simulator", "protocol": "custom", "allow": ["127.0.0.0/8", "::1/128"]}
     )
-    async with running_proxy(settings) as running:
-        async with await connect(running, "reg") as client:
-            await wait_for(lambda: running.devices["reg"].state == State.BUSY)
-            await client.send_all(bytes.fromhex("01 05 00 13 3F 42 0F 00 A8"))
-            assert await receive_exactly(client, 9) == bytes.fromhex("06 01 04 00 13 00 00 63 7A")
+    async with running_proxy(settings) as running, await connect(running, "reg") as client:
+        await wait_for(running.devices["reg"], lambda: running.devices["reg"].state == State.BUSY)
+        await client.send_all(bytes.fromhex("01 05 00 13 3F 42 0F 00 A8"))
+        assert await receive_exactly(client, 9) == bytes.fromhex("06 01 04 00 13 00 00 63 7A")
 
 
 async def test_client_over_max_clients_is_refused_at_once_with_busy_reply():
     settings = settings_for(
-        {"name": "reg", "type": "simulator", "protocol": "custom", "max_clients": 2, "acquire_timeout": 60,
-         "busy_reply": "15"}
+        {
+            "name": "reg",
+            "type": "simulator",
+            "protocol": "custom",
+            "max_clients": 2,
+            "acquire_timeout": 60,
+            "busy_reply": "15",
+        }
     )
     async with running_proxy(settings) as running:
         device = running.devices["reg"]
         async with await connect(running, "reg"), await connect(running, "reg"):
-            await wait_for(lambda: device.clients == 2)
+            await wait_for(device, lambda: device.clients == 2)
             async with await connect(running, "reg") as third:
                 assert await receive_until_closed(third) == b"\x15"
             assert device.counters.refused["too many clients"] == 1
@@ -255,7 +278,7 @@ async def test_release_port_opens_the_device_per_lease_and_closes_it_after():
                     await client.send_all(b"round %d" % round_number)
                     assert await receive_exactly(device_end, 7) == b"round %d" % round_number
                 assert await receive_until_closed(device_end) == b""
-                await wait_for(lambda: device.holder is None)
+                await wait_for(device, lambda: device.holder is None)
             assert tcp.accepted == 2
             assert device.state == State.IDLE
         nursery.cancel_scope.cancel()
@@ -266,9 +289,11 @@ async def test_silent_client_loses_the_device_after_idle_timeout():
         {"name": "reg", "type": "simulator", "protocol": "custom", "idle_timeout": 0.3, "acquire_timeout": 30}
     )
     async with running_proxy(settings) as running:
-        async with await connect(running, "reg") as silent, await connect(running, "reg") as next_client:
-            # Sent while waiting: the proxy forwards it the moment the lease starts, well inside idle_timeout.
-            await next_client.send_all(bytes.fromhex("01 05 00 13 3F 42 0F 00 A8"))
+        silent = await connect(running, "reg")
+        next_client = await connect(running, "reg")
+        # Sent while waiting: the proxy forwards it the moment the lease starts, well inside idle_timeout.
+        await next_client.send_all(bytes.fromhex("01 05 00 13 3F 42 0F 00 A8"))
+        async with silent, next_client:
             assert await receive_until_closed(silent) == b""
             assert await receive_exactly(next_client, 9) == bytes.fromhex("06 01 04 00 13 00 00 63 7A")
 
@@ -302,7 +327,7 @@ async def test_reconnect_interval_zero_gives_up_and_refuses_at_once(tmp_path):
         }
     )
     async with running_proxy(settings) as running:
-        await wait_for(lambda: running.devices["once"].state == State.OFFLINE)
+        await wait_for(running.devices["once"], lambda: running.devices["once"].state == State.OFFLINE)
         async with await connect(running, "once") as client:
             assert await receive_until_closed(client) == b""
         assert running.devices["once"].counters.refused["offline"] == 1
@@ -317,11 +342,13 @@ async def test_one_client_vanishing_mid_transfer_does_not_disturb_the_next():
             device = running.devices["dev"]
             device_end = await tcp.next_connection()
             client = await connect(running, "dev")
-            await wait_for(lambda: device.state == State.BUSY)
-            client.socket.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+            await wait_for(device, lambda: device.state == State.BUSY)
+            client.socket.setsockopt(
+                trio.socket.SOL_SOCKET, trio.socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00"
+            )
             await client.aclose()
             await device_end.send_all(b"z" * 200_000)
-            await wait_for(lambda: device.holder is None)
+            await wait_for(device, lambda: device.holder is None)
             async with await connect(running, "dev") as second:
                 await second.send_all(b"ok?")
                 assert await receive_exactly(device_end, 3) == b"ok?"

@@ -54,14 +54,15 @@ async def serve_stream(stream: trio.abc.Stream, model: DeviceModel) -> None:
 async def serve_pty(protocol: str, link: Path, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
     """Runs the device on a new pseudo-terminal; `link` becomes a symlink to its slave side.
 
+    task_status gets a line for the user naming the slave path.
+
     Resource handling: the pty pair and the symlink are removed when this returns or is cancelled.
     A host that closes the slave side does not end the device: the next open finds it again.
     """
     master, slave, slave_path = _open_pty(link)
     stream = trio.lowlevel.FdStream(master)
     try:
-        task_status.started(slave_path)
-        logger.info("simulated {} device on {} (link {})", protocol, slave_path, link)
+        task_status.started(f"simulated {protocol} device on {slave_path} (link {link})")
         model = model_factory(protocol)()
         # Keeping the slave open here means a host that closes it causes no EIO on the master side.
         await serve_stream(stream, model)
@@ -85,11 +86,14 @@ def _close_pty(link: Path, slave: int) -> None:
 
 
 async def serve_tcp(protocol: str, address: Address, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-    """Runs the device on a TCP port; every connection gets a device of its own."""
+    """Runs the device on a TCP port; every connection gets a device of its own.
+
+    task_status gets a line for the user naming the bound address (port 0 picks a free one).
+    """
     listeners = await trio.open_tcp_listeners(address.port, host=address.host)
     bound = listeners[0].socket.getsockname()
-    task_status.started(Address(bound[0], bound[1]))
-    logger.info("simulated {} device listening on {}:{}", protocol, bound[0], bound[1])
+    address = Address(bound[0], bound[1])
+    task_status.started(f"simulated {protocol} device listening on {address}")
 
     async def serve_one(stream: trio.SocketStream) -> None:
         try:
