@@ -8,6 +8,7 @@ from functools import partial
 import trio
 from loguru import logger
 
+from proxy import wire
 from proxy.device import BROKEN, READ_SIZE, Device, Lease, LinkLost, Refused
 
 # After a refusal the reply gets this long to drain before the connection is closed, so that a
@@ -96,7 +97,12 @@ async def _refuse(stream: trio.SocketStream, reply: bytes) -> None:
 async def _session(device: Device, stream: trio.SocketStream, client: str) -> None:
     """Session sharing: the client holds the device for its whole connection."""
     idle_timeout = device.config.idle_timeout
-    async with device.lease(client, stream.send_all) as lease:
+    client_fd = wire.fileno(stream)
+
+    async def to_client(data: bytes) -> None:
+        await wire.send_all(stream, client_fd, data)
+
+    async with device.lease(client, to_client) as lease:
         why = "closed the connection"
         with lease.cancel_scope:
             async with trio.open_nursery() as nursery:
@@ -109,9 +115,10 @@ async def _session(device: Device, stream: trio.SocketStream, client: str) -> No
 
 async def _pump(stream: trio.SocketStream, lease: Lease) -> str:
     """Client -> device until the client closes; returns how the session ended."""
+    receive = wire.reader(stream, READ_SIZE)
     while True:
         try:
-            data = await stream.receive_some(READ_SIZE)
+            data = await receive()
         except BROKEN as exc:
             return f"connection failed: {exc}"
         if not data:

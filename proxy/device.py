@@ -12,7 +12,7 @@ import attrs
 import trio
 from loguru import logger
 
-from proxy import log
+from proxy import log, wire
 from proxy.config import DeviceConfig
 from proxy.links import LinkError, discard_input, open_link
 
@@ -72,6 +72,7 @@ class Lease:
         self.last_activity = trio.current_time()
         self._sink = sink
         self._link: trio.abc.Stream | None = None
+        self._link_fd = -1
 
     async def send(self, data: bytes) -> None:
         """Writes `data` to the device. Raises LinkLost when the link is gone or breaks."""
@@ -81,7 +82,7 @@ class Lease:
         if device.tracing:
             logger.trace("{}: {} -> device: {}", device.name, self.client, log.hexdump(data))
         try:
-            await link.send_all(data)
+            await wire.send_all(link, self._link_fd, data)
         except BROKEN as exc:
             device.reset_link(f"write failed: {exc}")
             raise LinkLost(f"write failed: {exc}") from None
@@ -218,9 +219,10 @@ class Device:
     async def _read(self, link: trio.abc.Stream) -> str:
         """Passes what the device sends to the current lease; returns why the link ended."""
         counters = self.counters
+        receive = wire.reader(link, READ_SIZE)
         while True:
             try:
-                data = await link.receive_some(READ_SIZE)
+                data = await receive()
             except BROKEN as exc:
                 return f"read failed: {exc}"
             if not data:
@@ -304,6 +306,7 @@ class Device:
             raise self._refusal()
         self.holder = lease
         lease._link = self._link
+        lease._link_fd = wire.fileno(self._link)
         lease.last_activity = trio.current_time()
         self.counters.leases_granted += 1
         self._set_state(State.BUSY)

@@ -6,6 +6,7 @@ import os
 
 import trio
 
+from proxy import wire
 from proxy.config import DeviceConfig
 
 
@@ -38,7 +39,7 @@ def discard_input(link: trio.abc.Stream) -> int:
     Every link here is a non-blocking file descriptor (a serial port or a socket), so a plain read until
     EAGAIN empties the kernel's buffer without disturbing the task that waits to read the link.
     """
-    fd = link.fileno() if hasattr(link, "fileno") else link.socket.fileno()
+    fd = wire.fileno(link)
     dropped = 0
     while True:
         try:
