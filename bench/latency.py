@@ -146,17 +146,25 @@ def main() -> None:
     socat = ensure_socat()
     echo_port, socat_port, proxy_port = free_port(), free_port(), free_port()
     results = {}
-    with tempfile.TemporaryDirectory() as directory, background(
-        sys.executable, __file__, "--echo", str(echo_port), port=echo_port
+    with (
+        tempfile.TemporaryDirectory() as directory,
+        background(sys.executable, __file__, "--echo", str(echo_port), port=echo_port),
     ):
         paths = {
             "direct": contextlib.nullcontext(echo_port),
             "socat": background(
-                socat, f"TCP-LISTEN:{socat_port},fork,reuseaddr,bind=127.0.0.1", f"TCP:127.0.0.1:{echo_port}",
+                socat,
+                f"TCP-LISTEN:{socat_port},fork,reuseaddr,bind=127.0.0.1",
+                f"TCP:127.0.0.1:{echo_port}",
                 port=socat_port,
             ),
             "devproxy": background(
-                sys.executable, "-m", "proxy", "run", "-c", str(proxy_settings(Path(directory), proxy_port, echo_port)),
+                sys.executable,
+                "-m",
+                "proxy",
+                "run",
+                "-c",
+                str(proxy_settings(Path(directory), proxy_port, echo_port)),
                 port=proxy_port,
             ),
         }
@@ -171,8 +179,10 @@ def main() -> None:
                 print(f"{name:9} p50 {p50:7.1f} us   p99 {p99:7.1f} us   {rate:7.1f} MB/s", flush=True)
     socat_p50, _, socat_rate = results["socat"]
     proxy_p50, _, proxy_rate = results["devproxy"]
-    print(f"devproxy/socat: p50 latency {proxy_p50 / socat_p50:.2f}x (target <= 1.5x), "
-          f"throughput {proxy_rate / socat_rate:.2f}x (target >= 0.5x)")
+    print(
+        f"devproxy/socat: p50 latency {proxy_p50 / socat_p50:.2f}x (target <= 1.5x), "
+        f"throughput {proxy_rate / socat_rate:.2f}x (target >= 0.5x)"
+    )
 
 
 if __name__ == "__main__":

@@ -6,6 +6,9 @@ import os
 
 import pytest
 import trio
+
+from proxy.device import State
+
 from helpers import (
     PtyDevice,
     TcpDevice,
@@ -16,8 +19,6 @@ from helpers import (
     settings_for,
     wait_for,
 )
-
-from proxy.device import State
 
 SIZES = [1, 1000, 65536 + 7, 1024 * 1024]
 

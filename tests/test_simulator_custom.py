@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import trio
-from helpers import receive_exactly, running_proxy, settings_for
 
 from proxy.config import Address
 from proxy.protocols.custom import build_frame, decode, password_bytes
@@ -18,6 +17,8 @@ from proxy.simulators.custom import (
     ERROR_WRONG_PASSWORD,
     CustomRegister,
 )
+
+from helpers import receive_exactly, running_proxy, settings_for
 
 H = bytes.fromhex
 

@@ -93,6 +93,9 @@ async def open_serial(config: DeviceConfig) -> SerialLink:
     except PermissionError:
         await link.aclose()
         raise LinkError(f"{config.path}: permission denied (is the user in the dialout group?)") from None
+    except termios.error as exc:
+        await link.aclose()
+        raise LinkError(f"{config.path}: not a serial port ({exc.args[-1]})") from None
     except OSError as exc:
         await link.aclose()
         if exc.errno == errno.EBUSY or "exclusively lock" in str(exc):

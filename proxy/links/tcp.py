@@ -28,8 +28,7 @@ async def open_tcp(path: str) -> trio.SocketStream:
 
 
 def _reason(exc: OSError) -> str:
-    # open_tcp_stream wraps per-address failures in one OSError whose cause holds the first of them.
-    inner = exc.__cause__ if isinstance(exc.__cause__, OSError) else exc
-    if isinstance(inner, ExceptionGroup):
-        inner = inner.exceptions[0]
+    # open_tcp_stream wraps the failure of each address it tried in a group, as the OSError's cause.
+    cause = exc.__cause__
+    inner = cause.exceptions[0] if isinstance(cause, ExceptionGroup) else exc
     return getattr(inner, "strerror", None) or str(inner)
