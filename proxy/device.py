@@ -154,16 +154,15 @@ class Device:
                     if lost is None:
                         continue
                     self._set_state(State.OFFLINE, f"link lost ({lost})")
-                elif self.config.release_port:
-                    self._demand = trio.Event()
-                if self.config.reconnect_interval == 0:
-                    self._gave_up = True
-                    self._notify()
-                    if not self.config.release_port:
-                        logger.warning("{}: not retrying (reconnect_interval = 0)", self.name)
-                        await trio.sleep_forever()
+                if self.config.reconnect_interval > 0:
+                    await trio.sleep(self.config.reconnect_interval)
                     continue
-                await trio.sleep(self.config.reconnect_interval)
+                # Never retry: whoever waits is refused now; with release_port the next client tries anew.
+                self._gave_up = True
+                self._notify()
+                if not self.config.release_port:
+                    await trio.sleep_forever()
+                self._demand = trio.Event()
 
     async def _open(self, nursery: trio.Nursery) -> trio.abc.Stream | None:
         self._set_state(State.CONNECTING)
@@ -293,7 +292,11 @@ class Device:
         self._notify()
         try:
             with trio.move_on_after(self.config.acquire_timeout):
-                await self._lock.acquire()
+                # acquire_nowait() first, so that acquire_timeout = 0 still takes a free device.
+                try:
+                    self._lock.acquire_nowait()
+                except trio.WouldBlock:
+                    await self._lock.acquire()
                 holding = True
                 granted = await self._wait_for_link()
         finally:
@@ -340,9 +343,11 @@ class Device:
                 continue
             dropped = discard_input(link)
             # The reader may hold a chunk it read before this lease; two scheduling rounds let it
-            # drop that chunk as unsolicited before the lease is installed.
-            await trio.lowlevel.checkpoint()
-            await trio.lowlevel.checkpoint()
+            # drop that chunk as unsolicited before the lease is installed. Shielded: this is not
+            # waiting, and acquire_timeout = 0 must not cancel it.
+            with trio.CancelScope(shield=True):
+                await trio.lowlevel.checkpoint()
+                await trio.lowlevel.checkpoint()
             if dropped:
                 self.counters.unsolicited_bytes += dropped
                 self._notify()

@@ -354,3 +354,39 @@ async def test_one_client_vanishing_mid_transfer_does_not_disturb_the_next():
                 await second.send_all(b"ok?")
                 assert await receive_exactly(device_end, 3) == b"ok?"
         nursery.cancel_scope.cancel()
+
+
+async def test_release_port_retries_the_open_while_a_client_waits(tmp_path):
+    pty = PtyDevice(tmp_path / "ttyRP")
+    settings = settings_for(
+        {
+            "name": "rp",
+            "type": "serial",
+            "path": str(pty.path),
+            "release_port": True,
+            "reconnect_interval": 0.02,
+            "acquire_timeout": 30,
+        }
+    )
+    async with running_proxy(settings) as running:
+        device = running.devices["rp"]
+        async with await connect(running, "rp") as client:
+            await client.send_all(b"first")
+            await wait_for(device, lambda: device.counters.link_opens == 0 and device.state == State.OFFLINE)
+            device_end = pty.plug()
+            assert await receive_exactly(device_end, 5) == b"first"
+    await pty.unplug()
+
+
+async def test_acquire_timeout_zero_takes_a_free_device_and_refuses_a_held_one():
+    settings = settings_for(
+        {"name": "reg", "type": "simulator", "protocol": "custom", "acquire_timeout": 0, "busy_reply": "15"}
+    )
+    async with running_proxy(settings) as running:
+        device = running.devices["reg"]
+        await wait_for(device, lambda: device.state == State.IDLE)
+        async with await connect(running, "reg") as holder:
+            await holder.send_all(bytes.fromhex("01 05 00 13 3F 42 0F 00 A8"))
+            assert await receive_exactly(holder, 9) == bytes.fromhex("06 01 04 00 13 00 00 63 7A")
+            async with await connect(running, "reg") as second:
+                assert await receive_until_closed(second) == b"\x15"
