@@ -124,7 +124,8 @@ class Device:
         self._lock = trio.Lock()
         self._link: trio.abc.Stream | None = None
         self._link_scope: trio.CancelScope | None = None
-        self._link_reset_reason = ""
+        # Why the link was closed from inside the proxy: a reason, or None when closed on purpose.
+        self._link_close_reason: str | None = None
         # Set on every change an observer can see (state, holder, waiters, clients, refusals, dropped
         # bytes); replaced after each set, so every waiter sees each change. Not set per forwarded chunk.
         self._changed = trio.Event()
@@ -192,9 +193,10 @@ class Device:
         """Reads the link until it is lost (returns why) or closed on purpose (returns None)."""
         self._link = link
         self._link_scope = scope = trio.CancelScope()
-        self._link_reset_reason = ""
-        opened = "opened" if self.counters.link_opens == 1 else "reopened"
-        self._set_state(State.BUSY if self.holder else State.IDLE, f"{self.config.describe()} {opened}")
+        self._link_close_reason = None
+        # With release_port an open per client is routine, not news.
+        opened = "" if self.config.release_port else f"{self.config.describe()} opened"
+        self._set_state(State.BUSY if self.holder else State.IDLE, opened)
         self._notify()
         lost: str | None = None
         try:
@@ -207,7 +209,7 @@ class Device:
                 await trio.aclose_forcefully(link)
             self.counters.last_disconnect = datetime.now(UTC)
             if scope.cancelled_caught:
-                lost = self._link_reset_reason or None
+                lost = self._link_close_reason
             if lost is not None:
                 self.counters.link_losses += 1
                 if self.holder is not None:
@@ -243,9 +245,15 @@ class Device:
             await lease._deliver(data)
 
     def reset_link(self, reason: str) -> None:
-        """Closes the link at once (a late answer must not reach the next client); it is reopened."""
+        """Closes the link as failed, so a late answer cannot reach the next client; it is reopened."""
         if self._link_scope is not None:
-            self._link_reset_reason = reason
+            self._link_close_reason = reason
+            self._link_scope.cancel()
+
+    def _release_link(self) -> None:
+        """release_port: closes the link on purpose after a lease."""
+        if self._link_scope is not None:
+            self._link_close_reason = None
             self._link_scope.cancel()
 
     def _notify(self) -> None:
@@ -324,7 +332,7 @@ class Device:
                 self._set_state(State.IDLE)
             if self.config.release_port:
                 self._end_demand()
-                self.reset_link("")
+                self._release_link()
             self._lock.release()
             self._notify()
             logger.info("{}: {} released the device", self.name, client)
