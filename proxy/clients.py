@@ -10,6 +10,7 @@ from loguru import logger
 
 from proxy import wire
 from proxy.device import BROKEN, READ_SIZE, Device, Lease, LinkLost, Refused
+from proxy.exchanges import ClientGone, ExchangeClient
 
 # After a refusal the reply gets this long to drain before the connection is closed, so that a
 # client's unread request does not turn our close into a reset that discards the reply.
@@ -53,7 +54,14 @@ async def handle_client(device: Device, stream: trio.SocketStream) -> None:
         device.client_connected()
         logger.info("{}: client {} connected ({} connected)", device.name, client, device.clients)
         try:
-            await _session(device, stream, client)
+            if device.config.sharing == "exchange":
+                why = await ExchangeClient(device, stream, client).serve()
+                logger.info("{}: client {} {}", device.name, client, why)
+            else:
+                await _session(device, stream, client)
+        except ClientGone as exc:
+            logger.info("{}: client {} disconnected: {}", device.name, client, exc)
+            await _refuse(stream, b"")
         except Refused as exc:
             logger.info("{}: client {} refused: {}", device.name, client, exc)
             await _refuse(stream, device.config.busy_reply)

@@ -17,7 +17,11 @@ DEVICE_TYPES = ("serial", "tcp", "simulator")
 PROTOCOLS = ("raw", "custom", "shtrih", "atol2", "atol3", "dle", "coges", "energomera-ce", "iec61107")
 # Protocols with an in-process simulator; the others get theirs with the protocol work.
 SIMULATED_PROTOCOLS = ("custom",)
+# Protocols whose framers exchange sharing can use.
+EXCHANGE_PROTOCOLS = ("raw", "custom")
 SHARING_MODES = ("session", "exchange")
+# busy_reply = "auto": the protocol's own busy answer to the refused request (exchange sharing).
+AUTO = "auto"
 PARITIES = ("N", "E", "O", "M", "S")
 STOPBITS = (1, 1.5, 2)
 NAME_PATTERN = re.compile(r"[A-Za-z0-9_-]+")
@@ -95,7 +99,7 @@ class DeviceConfig:
     listen: tuple[Address, ...] = ()
     sharing: str = "session"
     acquire_timeout: float = 5.0
-    busy_reply: bytes = b""
+    busy_reply: bytes | str = b""
     response_timeout: float = 5.0
     exchange_timeout: float = 30.0
     frame_gap: float = 0.05
@@ -282,10 +286,8 @@ def _check_name(value: str) -> str:
     return value
 
 
-def _parse_busy_reply(value: str) -> bytes:
-    if value == "auto":
-        raise ValueError("'auto' (the protocol's own busy answer) comes with exchange sharing; use hex bytes")
-    return _parse_hex(value)
+def _parse_busy_reply(value: str) -> bytes | str:
+    return AUTO if value == AUTO else _parse_hex(value)
 
 
 def _check_device(table: _Table, config: DeviceConfig) -> None:
@@ -312,8 +314,13 @@ def _check_device(table: _Table, config: DeviceConfig) -> None:
         table.fail("listen", "is empty: no client could reach this device")
     elif "listen" not in raw:
         table.fail("listen", "is missing: no client could reach this device")
-    if config.sharing == "exchange":
-        table.fail("sharing", "'exchange' is not available in this version; use 'session'")
+    if config.sharing == "exchange" and config.protocol not in EXCHANGE_PROTOCOLS:
+        table.fail(
+            "protocol",
+            f"{config.protocol!r} cannot frame exchanges yet (can: {', '.join(EXCHANGE_PROTOCOLS)})",
+        )
+    if config.busy_reply == AUTO and config.sharing != "exchange":
+        table.fail("busy_reply", "'auto' answers a refused request, so it needs sharing = 'exchange'")
 
 
 def _check_clashes(settings: Settings, problems: _Problems) -> None:

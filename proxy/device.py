@@ -51,6 +51,10 @@ class Counters:
     unsolicited_bytes: int = 0
     leases_granted: int = 0
     refused: Counter[str] = attrs.field(factory=Counter)
+    # Exchange sharing: exchanges by result ("ok", "timeout", "refused", "link lost ..."), and the
+    # total seconds the finished ones took.
+    exchanges: Counter[str] = attrs.field(factory=Counter)
+    exchange_seconds: float = 0.0
     link_opens: int = 0
     link_losses: int = 0
     last_connect: datetime | None = None
@@ -272,6 +276,11 @@ class Device:
         self.clients -= 1
         self._notify()
 
+    def count_exchange(self, result: str, seconds: float) -> None:
+        self.counters.exchanges[result.split(" (")[0]] += 1
+        self.counters.exchange_seconds += seconds
+        self._notify()
+
     def count_refusal(self, reason: str) -> None:
         self.counters.refused[reason] += 1
         self._notify()
@@ -287,11 +296,13 @@ class Device:
     # -- leases ----------------------------------------------------------------------------------
 
     @asynccontextmanager
-    async def lease(self, client: str, sink: Sink) -> AsyncIterator[Lease]:
+    async def lease(self, client: str, sink: Sink, *, log_level: str = "INFO") -> AsyncIterator[Lease]:
         """Waits up to acquire_timeout for the device, in arrival order, and holds it while inside.
 
-        `sink` receives every byte the device sends during the lease. Raises Refused("busy") when
-        another client kept the device for the whole wait, Refused("offline") when the link was down.
+        `sink` receives every byte the device sends during the lease; `log_level` is that of the lines
+        saying who holds it (DEBUG for exchange sharing, where a lease lasts one exchange). Raises
+        Refused("busy") when another client kept the device for the whole wait, Refused("offline")
+        when the link was down.
         """
         lease = Lease(self, client, sink)
         started = trio.current_time()
@@ -321,9 +332,8 @@ class Device:
         lease.last_activity = trio.current_time()
         self.counters.leases_granted += 1
         self._set_state(State.BUSY)
-        logger.info(
-            "{}: {} holds the device (waited {:.2f} s)", self.name, client, trio.current_time() - started
-        )
+        waited = trio.current_time() - started
+        logger.log(log_level, "{}: {} holds the device (waited {:.2f} s)", self.name, client, waited)
         try:
             yield lease
         finally:
@@ -335,7 +345,7 @@ class Device:
                 self._release_link()
             self._lock.release()
             self._notify()
-            logger.info("{}: {} released the device", self.name, client)
+            logger.log(log_level, "{}: {} released the device", self.name, client)
 
     async def _wait_for_link(self) -> bool:
         """With the lock held: waits for an open link and empties it of stale bytes."""

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from proxy.protocols import Control, Frame, Junk, ProtocolError
 from proxy.protocols.custom import (
     MAX_LENGTH,
-    Exchange,
+    PROTOCOL,
     Framer,
     build_frame,
     checksum,
@@ -121,19 +121,38 @@ def test_a_partial_frame_is_held_and_completed_later():
 
 
 def test_exchange_is_complete_after_the_response_frame_not_the_ack():
-    exchange = Exchange()
-    exchange.feed(BEEP_ANSWER[:1])
+    exchange = PROTOCOL.exchange(Frame(BEEP_REQUEST))
+    exchange.from_device(BEEP_ANSWER[:1])
+    assert not exchange.complete and exchange.answered
+    exchange.from_device(BEEP_ANSWER[1:-1])
     assert not exchange.complete
-    exchange.feed(BEEP_ANSWER[1:-1])
-    assert not exchange.complete
-    exchange.feed(BEEP_ANSWER[-1:])
+    exchange.from_device(BEEP_ANSWER[-1:])
     assert exchange.complete
 
 
 def test_exchange_is_complete_after_a_nak():
-    exchange = Exchange()
-    assert exchange.feed(H("15")) == [Control(0x15)]
+    exchange = PROTOCOL.exchange(Frame(BEEP_REQUEST))
+    exchange.from_device(H("15"))
     assert exchange.complete
+
+
+def test_a_failed_exchange_is_naked_only_before_the_ack():
+    exchange = PROTOCOL.exchange(Frame(BEEP_REQUEST))
+    assert exchange.failure_answer() == H("15")
+    exchange.from_device(H("06"))
+    assert exchange.failure_answer() == b""
+
+
+def test_busy_answer_is_ack_and_error_3505_for_the_same_command():
+    answer = PROTOCOL.busy_answer(Frame(BEEP_REQUEST))
+    assert answer[:1] == H("06")
+    message = decode(answer[1:])
+    assert (message.command, message.error) == (0x13, 3505)
+
+
+def test_a_corrupt_frame_from_a_client_gets_the_registers_nak():
+    assert PROTOCOL.reject_answer(Junk(H("01 05 00 13 3F 42 0F 00 A9"))) == H("15")
+    assert PROTOCOL.reject_answer(Junk(H("ff ff"))) is None
 
 
 frames = st.builds(build_frame, st.integers(0, 255), st.binary(max_size=300))

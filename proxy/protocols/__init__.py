@@ -7,6 +7,8 @@ partial frame is then known to be a false start and is rescanned.
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import attrs
 
 
@@ -40,3 +42,91 @@ Event = Frame | Control | Junk
 
 class ProtocolError(Exception):
     """A frame cannot be built or decoded; the message says which field is wrong."""
+
+
+class Framer(Protocol):
+    """Splits one direction of a link into events; see the module docstring."""
+
+    def feed(self, data: bytes) -> list[Event]: ...
+
+    def flush(self) -> list[Event]: ...
+
+    @property
+    def pending(self) -> int: ...
+
+
+class Exchange:
+    """One request and its answer, followed from both sides until the protocol says it is complete.
+
+    The proxy feeds it what the device sends (from_device) and the client's further messages while the
+    exchange runs (from_host, which says whether a message belongs to this exchange, like Shtrih's ACK
+    of the answer, or is the client's next request). Protocols whose answers end only in silence set
+    `ends_in_silence`, and the proxy calls quiet() after frame_gap without device bytes.
+    """
+
+    ends_in_silence = False
+
+    def __init__(self, device_framer: Framer) -> None:
+        self.complete = False
+        self.answered = False
+        self._framer = device_framer
+
+    def from_device(self, data: bytes) -> None:
+        """Bytes the device sent during the exchange."""
+        self.answered = True
+        for event in self._framer.feed(data):
+            if not self.complete:
+                self.on_device(event)
+
+    def on_device(self, event: Event) -> None:
+        """One message from the device; the default ends the exchange at the first frame."""
+        if isinstance(event, Frame):
+            self.complete = True
+
+    def from_host(self, event: Event) -> bool:
+        """A client message during the exchange: True if it belongs to it (and is forwarded now)."""
+        return False
+
+    def quiet(self) -> None:
+        """frame_gap passed with no device bytes after the answer began."""
+        if self.ends_in_silence and self.answered:
+            self.complete = True
+
+    def failure_answer(self) -> bytes:
+        """What the client is told when the device failed to answer in time, in the protocol's own way."""
+        return b""
+
+
+class DeviceProtocol(Protocol):
+    """What the proxy needs of a protocol to share a device request by request."""
+
+    name: str
+    # True when a client's message ends only in silence (raw): the proxy flushes after frame_gap.
+    request_ends_in_silence: bool
+
+    def host_framer(self) -> Framer:
+        """A framer for the client's side of the link."""
+        ...
+
+    def is_request(self, event: Event) -> bool:
+        """True when `event`, sent by a client outside an exchange, starts one."""
+        ...
+
+    def exchange(self, request: Event) -> Exchange:
+        """The exchange `request` starts."""
+        ...
+
+    def busy_answer(self, request: Event) -> bytes | None:
+        """The protocol's own "busy" answer to a refused request, or None when it has none."""
+        ...
+
+    def reject_answer(self, junk: Junk) -> bytes | None:
+        """What the device would answer bytes that are no valid message (a NAK), or None."""
+        ...
+
+
+def get(name: str) -> DeviceProtocol:
+    """The protocol named in settings.toml; KeyError for an unknown name."""
+    from proxy.protocols import custom, raw
+
+    return {"raw": raw.PROTOCOL, "custom": custom.PROTOCOL}[name]

@@ -14,7 +14,7 @@ from itertools import accumulate, islice
 
 import attrs
 
-from proxy.protocols import Control, Event, Frame, Junk, ProtocolError
+from proxy.protocols import Control, Event, Exchange, Frame, Junk, ProtocolError
 
 START = 0x01
 ACK = 0x06
@@ -22,6 +22,8 @@ NAK = 0x15
 # The PDF's largest parameter block is 909 bytes; a bigger LEN is a false start, not a frame.
 MAX_LENGTH = 4096
 DEFAULT_PASSWORD = 999999
+ERROR_PROTOCOL_BUSY = 3503
+ERROR_HELD_ELSEWHERE = 3505
 HEADER = 3
 
 
@@ -158,20 +160,48 @@ class Framer:
         return size if valid else 0
 
 
-class Exchange:
-    """Follows the device's side of one request/response exchange.
+class CustomExchange(Exchange):
+    """Complete when the response frame has arrived, or a NAK refused the request."""
 
-    Complete when the response frame has arrived, or a NAK refused the request.
-    """
+    def __init__(self, request: bytes) -> None:
+        super().__init__(Framer(from_device=True))
+        self._command = request[3] if len(request) > 3 else 0
+        self.acked = False
 
-    def __init__(self) -> None:
-        self._framer = Framer(from_device=True)
-        self.complete = False
+    def on_device(self, event: Event) -> None:
+        if isinstance(event, Control):
+            self.acked = self.acked or event.byte == ACK
+            self.complete = event.byte == NAK
+        elif isinstance(event, Frame):
+            self.complete = True
 
-    def feed(self, data: bytes) -> list[Event]:
-        """Adds bytes from the device; returns the events they completed."""
-        events = self._framer.feed(data)
-        for event in events:
-            if isinstance(event, Frame) or (isinstance(event, Control) and event.byte == NAK):
-                self.complete = True
-        return events
+    def failure_answer(self) -> bytes:
+        # Before the ACK the command was not taken, so a NAK makes the host send it again; after the
+        # ACK it may be running, and the host must query the register rather than resend it.
+        return b"" if self.acked else bytes((NAK,))
+
+
+class CustomProtocol:
+    name = "custom"
+    request_ends_in_silence = False
+
+    def host_framer(self) -> Framer:
+        return Framer(from_device=False)
+
+    def is_request(self, event: Event) -> bool:
+        return isinstance(event, Frame)
+
+    def exchange(self, request: Event) -> CustomExchange:
+        return CustomExchange(request.raw)
+
+    def busy_answer(self, request: Event) -> bytes | None:
+        """ACK, then a response with error 3505 ("protocol held by another connection")."""
+        command = request.raw[3] if len(request.raw) > 3 else 0
+        return bytes((ACK,)) + build_frame(command, struct.pack("<H", ERROR_HELD_ELSEWHERE))
+
+    def reject_answer(self, junk: Junk) -> bytes | None:
+        """A frame whose checksum or length is wrong gets the NAK the register would send."""
+        return bytes((NAK,)) if junk.raw[:1] == bytes((START,)) else None
+
+
+PROTOCOL = CustomProtocol()

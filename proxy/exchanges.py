@@ -1,0 +1,237 @@
+"""Exchange sharing (ECRService): clients stay connected and take turns, one request and answer at a time.
+
+Each client has two tasks. The reader splits what the client sends into the protocol's messages: a
+request is queued, in order, for the runner; a message that belongs to the exchange in progress (a
+Shtrih host ACK, say) goes to the device at once. The runner takes the queued requests one by one: it
+leases the device, sends the request, and streams the device's answer back to the client as it comes
+(so an ACK reaches the client before the rest), until the protocol says the exchange is complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import attrs
+import trio
+from loguru import logger
+
+from proxy import log, protocols, wire
+from proxy.config import AUTO
+from proxy.device import BROKEN, READ_SIZE, Device, Lease, LinkLost, Refused
+from proxy.protocols import DeviceProtocol, Event, Exchange, Junk
+
+# Requests a client may have queued before the proxy stops reading from it (TCP pushes back).
+QUEUED_REQUESTS = 64
+# A framed protocol's partial message is abandoned (and rescanned) after this long without a byte.
+PARTIAL_MESSAGE_TIMEOUT = 2.0
+
+
+class ClientGone(Exception):
+    """The client must be disconnected: it was refused with no answer to give, or its socket broke."""
+
+
+@attrs.define
+class Request:
+    event: Event
+
+
+@attrs.define
+class LocalAnswer:
+    """Bytes the proxy itself answers (a NAK for a corrupt frame), sent in turn with the answers."""
+
+    data: bytes
+
+
+@attrs.define(eq=False)
+class Running:
+    """The exchange in progress for one client, as both of its tasks see it."""
+
+    exchange: Exchange
+    lease: Lease | None = None
+    done: trio.Event = attrs.field(factory=trio.Event)
+    first_byte: trio.Event = attrs.field(factory=trio.Event)
+    last_byte: float = 0.0
+    answer_head: bytearray = attrs.field(factory=bytearray)
+    answer_size: int = 0
+
+
+class ExchangeClient:
+    """One client connection under exchange sharing."""
+
+    def __init__(self, device: Device, stream: trio.SocketStream, client: str) -> None:
+        self.device = device
+        self.config = device.config
+        self.protocol: DeviceProtocol = protocols.get(device.config.protocol)
+        self.stream = stream
+        self.client = client
+        self.running: Running | None = None
+        self.broken = False
+        self._fd = wire.fileno(stream)
+
+    async def serve(self) -> str:
+        """Serves the client until it closes; returns how it ended. ClientGone when it must be dropped."""
+        send_queue, queue = trio.open_memory_channel[Request | LocalAnswer](QUEUED_REQUESTS)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._run_requests, queue)
+            async with send_queue:
+                why = await self._read_requests(send_queue)
+        return why
+
+    async def _write(self, data: bytes) -> None:
+        if self.broken:
+            return
+        try:
+            await wire.send_all(self.stream, self._fd, data)
+        except BROKEN:
+            # The answer is still followed to its end, so that none of it reaches the next client.
+            self.broken = True
+
+    # -- the reader ------------------------------------------------------------------------------
+
+    async def _read_requests(self, queue: trio.MemorySendChannel) -> str:
+        framer = self.protocol.host_framer()
+        receive = wire.reader(self.stream, READ_SIZE)
+        silence = self.config.frame_gap if self.protocol.request_ends_in_silence else PARTIAL_MESSAGE_TIMEOUT
+        while True:
+            with trio.move_on_after(silence if framer.pending else math.inf) as quiet:
+                try:
+                    data = await receive()
+                except BROKEN as exc:
+                    return f"connection failed: {exc}"
+            if quiet.cancelled_caught:
+                events = framer.flush()
+            elif data:
+                events = framer.feed(data)
+            else:
+                for event in framer.flush():
+                    await self._dispatch(event, queue)
+                return "closed the connection"
+            for event in events:
+                await self._dispatch(event, queue)
+
+    async def _dispatch(self, event: Event, queue: trio.MemorySendChannel) -> None:
+        running = self.running
+        if running is not None and not running.exchange.complete and running.exchange.from_host(event):
+            if running.lease is not None:
+                # A lost link fails the exchange; the runner reports it.
+                with contextlib.suppress(LinkLost):
+                    await running.lease.send(event.raw)
+            if running.exchange.complete:
+                running.done.set()
+        elif self.protocol.is_request(event):
+            await queue.send(Request(event))
+        else:
+            logger.info(
+                "{}: client {} sent {} bytes that are no {} request, dropped: {}",
+                self.device.name,
+                self.client,
+                len(event.raw),
+                self.protocol.name,
+                log.hexdump(event.raw, 32),
+            )
+            answer = self.protocol.reject_answer(event) if isinstance(event, Junk) else None
+            if answer:
+                await queue.send(LocalAnswer(answer))
+
+    # -- the runner ------------------------------------------------------------------------------
+
+    async def _run_requests(self, queue: trio.MemoryReceiveChannel) -> None:
+        async with queue:
+            async for item in queue:
+                if isinstance(item, LocalAnswer):
+                    await self._write(item.data)
+                else:
+                    await self._run(item.event)
+
+    async def _run(self, request: Event) -> None:
+        device = self.device
+        running = Running(self.protocol.exchange(request))
+        started = trio.current_time()
+
+        async def to_client(data: bytes) -> None:
+            exchange = running.exchange
+            if exchange.complete:
+                device.counters.unsolicited_bytes += len(data)
+                return
+            running.last_byte = trio.current_time()
+            running.first_byte.set()
+            running.answer_size += len(data)
+            if len(running.answer_head) < 32:
+                running.answer_head += data[: 32 - len(running.answer_head)]
+            exchange.from_device(data)
+            await self._write(data)
+            if exchange.complete:
+                running.done.set()
+
+        try:
+            async with device.lease(self.client, to_client, log_level="DEBUG") as lease:
+                running.lease = lease
+                self.running = running
+                try:
+                    result = await self._exchange(lease, running, request)
+                finally:
+                    self.running = None
+        except Refused as exc:
+            device.count_exchange("refused", 0.0)
+            await self._refused(request, exc)
+            return
+        duration = trio.current_time() - started
+        device.count_exchange(result, duration)
+        if result != "ok" and not running.exchange.complete:
+            await self._write(running.exchange.failure_answer())
+        logger.debug(
+            "{}: {} exchange for {}: {} -> {} ({} bytes) in {:.3f} s",
+            device.name,
+            result,
+            self.client,
+            log.hexdump(request.raw, 16),
+            log.hexdump(bytes(running.answer_head), 16) or "nothing",
+            running.answer_size,
+            duration,
+        )
+
+    async def _exchange(self, lease: Lease, running: Running, request: Event) -> str:
+        """Sends the request and waits for the exchange to complete; returns "ok" or why it failed."""
+        device, config, exchange = self.device, self.config, running.exchange
+        deadline = trio.current_time() + config.exchange_timeout
+        with lease.cancel_scope:
+            try:
+                await lease.send(request.raw)
+            except LinkLost as exc:
+                return f"link lost ({exc})"
+            with trio.move_on_after(config.response_timeout):
+                await running.first_byte.wait()
+            if not running.first_byte.is_set():
+                device.reset_link(f"no answer within response_timeout = {config.response_timeout:g} s")
+                return "timeout"
+            while not exchange.complete and trio.current_time() < deadline:
+                until = deadline
+                if exchange.ends_in_silence:
+                    until = min(deadline, running.last_byte + config.frame_gap)
+                with trio.move_on_at(until):
+                    await running.done.wait()
+                if exchange.ends_in_silence and trio.current_time() >= running.last_byte + config.frame_gap:
+                    exchange.quiet()
+            if not exchange.complete:
+                device.reset_link(
+                    f"exchange not complete within exchange_timeout = {config.exchange_timeout:g} s"
+                )
+                return "timeout"
+            return "ok"
+        return f"link lost ({lease.ended})"
+
+    async def _refused(self, request: Event, refusal: Refused) -> None:
+        answer = self.config.busy_reply
+        if answer == AUTO:
+            answer = self.protocol.busy_answer(request) or b""
+        logger.info(
+            "{}: request of client {} refused: {}{}",
+            self.device.name,
+            self.client,
+            refusal,
+            "" if answer else "; closing the connection (no busy answer to give)",
+        )
+        if not answer:
+            raise ClientGone(f"refused ({refusal.reason})")
+        await self._write(answer)

@@ -1,0 +1,56 @@
+"""raw: no framing at all. A message is whatever arrives before frame_gap of silence."""
+
+from __future__ import annotations
+
+from proxy.protocols import Event, Exchange, Frame, Junk
+
+
+class SilenceFramer:
+    """Collects bytes until flush(), which the proxy calls after frame_gap of silence."""
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+
+    def feed(self, data: bytes) -> list[Event]:
+        self._buffer += data
+        return []
+
+    def flush(self) -> list[Event]:
+        if not self._buffer:
+            return []
+        message, self._buffer = bytes(self._buffer), bytearray()
+        return [Frame(message)]
+
+    @property
+    def pending(self) -> int:
+        return len(self._buffer)
+
+
+class RawExchange(Exchange):
+    ends_in_silence = True
+
+    def on_device(self, event: Event) -> None:
+        """Device bytes never end a raw exchange by themselves; frame_gap of silence does."""
+
+
+class RawProtocol:
+    name = "raw"
+    request_ends_in_silence = True
+
+    def host_framer(self) -> SilenceFramer:
+        return SilenceFramer()
+
+    def is_request(self, event: Event) -> bool:
+        return isinstance(event, Frame)
+
+    def exchange(self, request: Event) -> RawExchange:
+        return RawExchange(SilenceFramer())
+
+    def busy_answer(self, request: Event) -> bytes | None:
+        return None
+
+    def reject_answer(self, junk: Junk) -> bytes | None:
+        return None
+
+
+PROTOCOL = RawProtocol()

@@ -1,0 +1,225 @@
+"""Exchange sharing end to end: many clients stay connected and take turns, request by request."""
+
+from __future__ import annotations
+
+import struct
+
+import trio
+
+from proxy.device import State
+from proxy.protocols import Frame
+from proxy.protocols.custom import Framer, build_frame, decode
+from proxy.simulators import serve_stream
+from proxy.simulators.custom import CustomRegister
+
+from helpers import PtyDevice, connect, receive_exactly, running_proxy, settings_for, wait_for
+
+H = bytes.fromhex
+BEEP = H("01 05 00 13 3F 42 0F 00 A8")
+BEEP_ANSWER = H("06 01 04 00 13 00 00 63 7A")
+
+
+class EchoingRegister(CustomRegister):
+    """The simulated register, answering every command with its own data, so crossed answers show."""
+
+    def respond(self, frame: bytes) -> bytes:
+        message = decode(frame)
+        return build_frame(message.command, b"\x00\x00" + message.data)
+
+
+def exchange_settings(path, **keys) -> dict:
+    return {
+        "name": "ecr",
+        "type": "serial",
+        "path": str(path),
+        "protocol": "custom",
+        "sharing": "exchange",
+        **keys,
+    }
+
+
+async def read_frames(stream: trio.SocketStream, count: int) -> list[bytes]:
+    """The response frames among what the proxy sends, until `count` have come."""
+    framer, frames = Framer(from_device=True), []
+    with trio.fail_after(30):
+        while len(frames) < count:
+            data = await stream.receive_some()
+            assert data, f"connection closed after {len(frames)} of {count} answers"
+            frames += [event.raw for event in framer.feed(data) if isinstance(event, Frame)]
+    return frames
+
+
+async def test_fifty_clients_each_get_exactly_their_own_answers_in_order(tmp_path):
+    pty = PtyDevice(tmp_path / "ttyECR")
+    device_end = pty.plug()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(serve_stream, device_end, EchoingRegister())
+        settings = settings_for(exchange_settings(pty.path, acquire_timeout=60, max_clients=50))
+        async with running_proxy(settings) as running:
+            device = running.devices["ecr"]
+            await wait_for(device, lambda: device.state == State.IDLE)
+
+            async def client(number: int) -> None:
+                async with await connect(running, "ecr") as stream:
+                    requests = [
+                        build_frame(0x13, struct.pack("<HH", number, sequence)) for sequence in range(20)
+                    ]
+                    await stream.send_all(b"".join(requests))
+                    answers = await read_frames(stream, 20)
+                    assert [decode(a).data[2:] for a in answers] == [decode(r).data for r in requests]
+
+            async with trio.open_nursery() as clients:
+                for number in range(50):
+                    clients.start_soon(client, number)
+            assert device.counters.exchanges["ok"] == 1000
+        nursery.cancel_scope.cancel()
+    await pty.unplug()
+
+
+async def test_the_ack_reaches_the_client_before_the_rest_of_the_answer(tmp_path):
+    pty = PtyDevice(tmp_path / "ttyACK")
+    device_end = pty.plug()
+    async with running_proxy(settings_for(exchange_settings(pty.path))) as running:
+        await wait_for(running.devices["ecr"], lambda: running.devices["ecr"].state == State.IDLE)
+        async with await connect(running, "ecr") as client:
+            await client.send_all(BEEP)
+            assert await receive_exactly(device_end, 9) == BEEP
+            await device_end.send_all(BEEP_ANSWER[:1])
+            assert await receive_exactly(client, 1) == H("06")
+            await device_end.send_all(BEEP_ANSWER[1:])
+            assert await receive_exactly(client, 8) == BEEP_ANSWER[1:]
+    await pty.unplug()
+
+
+async def test_a_device_that_never_answers_fails_only_that_request(tmp_path):
+    pty = PtyDevice(tmp_path / "ttyMUTE")
+    device_end = pty.plug()
+    settings = settings_for(
+        exchange_settings(pty.path, response_timeout=0.2, reconnect_interval=0.01, acquire_timeout=30)
+    )
+    async with running_proxy(settings) as running:
+        device = running.devices["ecr"]
+        await wait_for(device, lambda: device.state == State.IDLE)
+        async with await connect(running, "ecr") as unlucky, await connect(running, "ecr") as next_client:
+            await unlucky.send_all(BEEP)
+            assert await receive_exactly(device_end, 9) == BEEP
+            await wait_for(device, lambda: device.holder is not None)
+            await next_client.send_all(BEEP)
+            # No ACK came, so the command was not taken: the client is told NAK and may send it again.
+            assert await receive_exactly(unlucky, 1) == H("15")
+            assert await receive_exactly(device_end, 9) == BEEP
+            await device_end.send_all(BEEP_ANSWER)
+            assert await receive_exactly(next_client, 9) == BEEP_ANSWER
+            assert device.counters.exchanges["timeout"] == 1
+            assert device.counters.link_losses == 1
+            await unlucky.send_all(BEEP)
+            assert await receive_exactly(device_end, 9) == BEEP
+            await device_end.send_all(BEEP_ANSWER)
+            assert await receive_exactly(unlucky, 9) == BEEP_ANSWER
+    await pty.unplug()
+
+
+async def test_a_client_that_leaves_mid_exchange_does_not_leak_its_answer_to_the_next(tmp_path):
+    pty = PtyDevice(tmp_path / "ttyLEAVE")
+    device_end = pty.plug()
+    async with running_proxy(settings_for(exchange_settings(pty.path, acquire_timeout=30))) as running:
+        device = running.devices["ecr"]
+        await wait_for(device, lambda: device.state == State.IDLE)
+        async with await connect(running, "ecr") as staying:
+            leaving = await connect(running, "ecr")
+            await leaving.send_all(BEEP)
+            assert await receive_exactly(device_end, 9) == BEEP
+            await device_end.send_all(H("06"))
+            assert await receive_exactly(leaving, 1) == H("06")
+            await leaving.aclose()
+            status = build_frame(0x01, H("3F 42 0F 00"))
+            await staying.send_all(status)
+            await wait_for(device, lambda: device.waiting == 1)
+            await device_end.send_all(BEEP_ANSWER[1:])
+            assert await receive_exactly(device_end, len(status)) == status
+            status_answer = H("06") + build_frame(0x01, H("00 00 63 00 01"))
+            await device_end.send_all(status_answer)
+            assert await receive_exactly(staying, len(status_answer)) == status_answer
+    await pty.unplug()
+
+
+async def test_a_refused_request_gets_the_registers_own_busy_answer_and_the_client_stays(tmp_path):
+    pty = PtyDevice(tmp_path / "ttyBUSY")
+    device_end = pty.plug()
+    settings = settings_for(exchange_settings(pty.path, acquire_timeout=0.05, busy_reply="auto"))
+    async with running_proxy(settings) as running:
+        device = running.devices["ecr"]
+        await wait_for(device, lambda: device.state == State.IDLE)
+        async with await connect(running, "ecr") as holder, await connect(running, "ecr") as refused:
+            await holder.send_all(BEEP)
+            assert await receive_exactly(device_end, 9) == BEEP
+            await refused.send_all(BEEP)
+            answer = await receive_exactly(refused, 8)  # ACK, then a 7-byte frame with the error code
+            assert answer[:1] == H("06")
+            assert (decode(answer[1:]).command, decode(answer[1:]).error) == (0x13, 3505)
+            await device_end.send_all(BEEP_ANSWER)
+            assert await receive_exactly(holder, 9) == BEEP_ANSWER
+            await refused.send_all(BEEP)
+            assert await receive_exactly(device_end, 9) == BEEP
+            await device_end.send_all(BEEP_ANSWER)
+            assert await receive_exactly(refused, 9) == BEEP_ANSWER
+            assert device.counters.exchanges["refused"] == 1
+    await pty.unplug()
+
+
+async def test_a_corrupt_frame_is_naked_by_the_proxy_and_never_reaches_the_device(tmp_path):
+    pty = PtyDevice(tmp_path / "ttyNAK")
+    device_end = pty.plug()
+    async with running_proxy(settings_for(exchange_settings(pty.path))) as running:
+        await wait_for(running.devices["ecr"], lambda: running.devices["ecr"].state == State.IDLE)
+        async with await connect(running, "ecr") as client:
+            await client.send_all(BEEP[:-1] + b"\x00" + BEEP)
+            assert await receive_exactly(device_end, 9) == BEEP
+            await device_end.send_all(BEEP_ANSWER)
+            assert await receive_exactly(client, 10) == H("15") + BEEP_ANSWER
+    await pty.unplug()
+
+
+async def test_raw_exchanges_end_in_frame_gap_silence(tmp_path):
+    pty = PtyDevice(tmp_path / "ttyRAW")
+    device_end = pty.plug()
+    settings = settings_for(
+        {"name": "raw", "type": "serial", "path": str(pty.path), "sharing": "exchange", "frame_gap": 0.05}
+    )
+    async with running_proxy(settings) as running:
+        device = running.devices["raw"]
+        await wait_for(device, lambda: device.state == State.IDLE)
+        async with await connect(running, "raw") as first, await connect(running, "raw") as second:
+            await first.send_all(b"hello")
+            assert await receive_exactly(device_end, 5) == b"hello"
+            await second.send_all(b"again")
+            await device_end.send_all(b"wor")
+            await device_end.send_all(b"ld")
+            assert await receive_exactly(first, 5) == b"world"
+            assert await receive_exactly(device_end, 5) == b"again"
+            await device_end.send_all(b"done")
+            assert await receive_exactly(second, 4) == b"done"
+            await wait_for(device, lambda: device.counters.exchanges["ok"] == 2)
+    await pty.unplug()
+
+
+async def test_link_lost_mid_exchange_fails_the_request_and_keeps_the_client(tmp_path):
+    pty = PtyDevice(tmp_path / "ttyGONE")
+    device_end = pty.plug()
+    settings = settings_for(exchange_settings(pty.path, reconnect_interval=0.01, acquire_timeout=30))
+    async with running_proxy(settings) as running:
+        device = running.devices["ecr"]
+        await wait_for(device, lambda: device.state == State.IDLE)
+        pty.release_slave()
+        async with await connect(running, "ecr") as client:
+            await client.send_all(BEEP)
+            assert await receive_exactly(device_end, 9) == BEEP
+            await pty.unplug()
+            assert await receive_exactly(client, 1) == H("15")
+            device_end = pty.plug()
+            await wait_for(device, lambda: device.state == State.IDLE)
+            await client.send_all(BEEP)
+            assert await receive_exactly(device_end, 9) == BEEP
+            await device_end.send_all(BEEP_ANSWER)
+            assert await receive_exactly(client, 9) == BEEP_ANSWER
+    await pty.unplug()
