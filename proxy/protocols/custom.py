@@ -15,6 +15,7 @@ from itertools import accumulate, islice
 import attrs
 
 from proxy.protocols import Control, Event, Exchange, Frame, Junk, ProtocolError
+from proxy.protocols.framing import ScanningFramer
 
 START = 0x01
 ACK = 0x06
@@ -79,73 +80,31 @@ def decode(frame: bytes) -> Message:
     return Message(frame[3], bytes(frame[4:-1]))
 
 
-class Framer:
+class Framer(ScanningFramer):
     """Incremental framer for one direction of a Custom link.
 
     `from_device=True` also reports lone ACK/NAK bytes as Control events; from the host they are Junk.
     Boundaries come from LEN alone. A candidate whose checksum fails is taken as a false start: its
     01 becomes Junk and scanning resumes at the next byte, so a valid frame hidden behind garbage is
     still found. Checksums come from a running prefix sum, so no byte is ever summed twice and the work
-    stays O(n) even on adversarial garbage full of 01 bytes; the buffer never holds more than one
-    partial frame after a feed().
+    stays O(n) even on adversarial garbage full of 01 bytes.
     """
 
+    starts = frozenset((START,))
+
     def __init__(self, *, from_device: bool, max_length: int = MAX_LENGTH) -> None:
-        self._controls = (ACK, NAK) if from_device else ()
+        super().__init__((ACK, NAK) if from_device else ())
         self._max_length = max_length
-        self._buffer = bytearray()
         # _sums[i] is the sum of _buffer[:i] plus a constant offset; differences give range sums.
         self._sums = array("Q", [0])
 
-    def feed(self, data: bytes) -> list[Event]:
-        """Adds bytes from the line; returns every event now complete."""
-        self._buffer += data
+    def _added(self, data: bytes) -> None:
         self._sums.extend(islice(accumulate(data, initial=self._sums[-1]), 1, None))
-        return self._scan(final=False)
 
-    def flush(self) -> list[Event]:
-        """The line went quiet: what is pending cannot complete, so it is rescanned and the rest is Junk."""
-        return self._scan(final=True)
-
-    @property
-    def pending(self) -> int:
-        """Bytes held back as the start of a frame not yet complete."""
-        return len(self._buffer)
-
-    def _scan(self, *, final: bool) -> list[Event]:
-        events: list[Event] = []
-        junk_from = None
-        buffer, sums, end = self._buffer, self._sums, len(self._buffer)
-        position = 0
-        while position < end:
-            byte = buffer[position]
-            size = self._frame_size(position) if byte == START else 0
-            if size is None:
-                if not final:
-                    break
-                size = 0
-            if byte in self._controls or size:
-                if junk_from is not None:
-                    events.append(Junk(bytes(buffer[junk_from:position])))
-                    junk_from = None
-                if size:
-                    events.append(Frame(bytes(buffer[position : position + size])))
-                    position += size
-                else:
-                    events.append(Control(byte))
-                    position += 1
-                continue
-            if junk_from is None:
-                junk_from = position
-            position += 1
-        if junk_from is not None:
-            events.append(Junk(bytes(buffer[junk_from:position])))
-        del buffer[:position]
-        del sums[:position]
-        return events
+    def _consumed(self, count: int) -> None:
+        del self._sums[:count]
 
     def _frame_size(self, position: int) -> int | None:
-        """Size of the valid frame starting at `position`; 0 if none can start there, None if undecided."""
         buffer, available = self._buffer, len(self._buffer) - position
         if available < HEADER:
             return None
