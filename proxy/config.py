@@ -17,8 +17,6 @@ DEVICE_TYPES = ("serial", "tcp", "simulator")
 PROTOCOLS = ("raw", "custom", "shtrih", "atol2", "atol3", "dle", "coges", "energomera-ce", "iec61107")
 # Protocols with an in-process simulator; the others get theirs with the protocol work.
 SIMULATED_PROTOCOLS = ("custom",)
-# Protocols whose framers exchange sharing can use.
-EXCHANGE_PROTOCOLS = ("raw", "custom")
 SHARING_MODES = ("session", "exchange")
 # busy_reply = "auto": the protocol's own busy answer to the refused request (exchange sharing).
 AUTO = "auto"
@@ -314,11 +312,6 @@ def _check_device(table: _Table, config: DeviceConfig) -> None:
         table.fail("listen", "is empty: no client could reach this device")
     elif "listen" not in raw:
         table.fail("listen", "is missing: no client could reach this device")
-    if config.sharing == "exchange" and config.protocol not in EXCHANGE_PROTOCOLS:
-        table.fail(
-            "protocol",
-            f"{config.protocol!r} cannot frame exchanges yet (can: {', '.join(EXCHANGE_PROTOCOLS)})",
-        )
     if config.busy_reply == AUTO and config.sharing != "exchange":
         table.fail("busy_reply", "'auto' answers a refused request, so it needs sharing = 'exchange'")
 

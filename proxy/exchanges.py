@@ -23,8 +23,6 @@ from proxy.protocols import DeviceProtocol, Event, Exchange, Junk
 
 # Requests a client may have queued before the proxy stops reading from it (TCP pushes back).
 QUEUED_REQUESTS = 64
-# A framed protocol's partial message is abandoned (and rescanned) after this long without a byte.
-PARTIAL_MESSAGE_TIMEOUT = 2.0
 
 
 class ClientGone(Exception):
@@ -92,7 +90,8 @@ class ExchangeClient:
     async def _read_requests(self, queue: trio.MemorySendChannel) -> str:
         framer = self.protocol.host_framer()
         receive = wire.reader(self.stream, READ_SIZE)
-        silence = self.config.frame_gap if self.protocol.request_ends_in_silence else PARTIAL_MESSAGE_TIMEOUT
+        protocol = self.protocol
+        silence = self.config.frame_gap if protocol.request_ends_in_silence else protocol.partial_timeout
         while True:
             with trio.move_on_after(silence if framer.pending else math.inf) as quiet:
                 try:
@@ -200,6 +199,8 @@ class ExchangeClient:
                 await lease.send(request.raw)
             except LinkLost as exc:
                 return f"link lost ({exc})"
+            if exchange.complete:
+                return "ok"  # a message nothing answers, like an IEC broadcast
             with trio.move_on_after(config.response_timeout):
                 await running.first_byte.wait()
             if not running.first_byte.is_set():

@@ -133,7 +133,6 @@ def test_empty_status_turns_the_status_server_off():
         ),
         (device(listen=[]), "device 'fptr1': listen is empty: no client could reach this device"),
         (device(sharing="shared"), "device 'fptr1': sharing 'shared' is not one of session, exchange"),
-        (device(sharing="exchange", protocol="dle"), "device 'fptr1': protocol 'dle' cannot frame exchanges"),
         (device(acquire_timeout=-1), "device 'fptr1': acquire_timeout -1 must be >= 0 seconds"),
         (device(acquire_timeout=float("nan")), "device 'fptr1': acquire_timeout nan is a number, expected"),
         (device(response_timeout=0), "device 'fptr1': response_timeout 0 must be > 0 seconds"),

@@ -103,6 +103,8 @@ class DeviceProtocol(Protocol):
     name: str
     # True when a client's message ends only in silence (raw): the proxy flushes after frame_gap.
     request_ends_in_silence: bool
+    # Seconds without a byte after which a client's partial message is abandoned and rescanned.
+    partial_timeout: float
 
     def host_framer(self) -> Framer:
         """A framer for the client's side of the link."""
@@ -127,6 +129,7 @@ class DeviceProtocol(Protocol):
 
 def get(name: str) -> DeviceProtocol:
     """The protocol named in settings.toml; KeyError for an unknown name."""
-    from proxy.protocols import custom, raw
+    from proxy.protocols import atol2, atol3, coges, custom, dle, energomera_ce, iec61107, raw, shtrih
 
-    return {"raw": raw.PROTOCOL, "custom": custom.PROTOCOL}[name]
+    modules = (raw, custom, shtrih, atol2, atol3, dle, coges, energomera_ce, iec61107)
+    return {module.PROTOCOL.name: module.PROTOCOL for module in modules}[name]

@@ -143,6 +143,8 @@ class CustomExchange(Exchange):
 class CustomProtocol:
     name = "custom"
     request_ends_in_silence = False
+    # The register's own per-stage byte timeouts are well under a second.
+    partial_timeout = 1.0
 
     def host_framer(self) -> Framer:
         return Framer(from_device=False)

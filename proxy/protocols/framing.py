@@ -77,4 +77,3 @@ class ScanningFramer:
         del buffer[:position]
         self._consumed(position)
         return events
-

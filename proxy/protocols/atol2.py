@@ -1,0 +1,118 @@
+"""ATOL protocol v2, the legacy one (protocols.md 1.3): STX | data, DLE-stuffed | ETX | CRC, with ENQ/ACK/EOT.
+
+Inside the data, DLE (10) and ETX (03) are sent as DLE DLE and DLE ETX; an unescaped ETX ends it, and one
+CRC byte follows: the XOR of every byte after STX up to and including ETX, stuffing included. The host's
+turn is ENQ, ACK, frame, ACK, EOT; the device answers ENQ, the host ACKs, the device sends its frame,
+the host ACKs, and the device's EOT completes the exchange.
+"""
+
+from __future__ import annotations
+
+from functools import reduce
+from operator import xor
+
+from proxy.protocols import Control, Event, Exchange, Frame, Junk, ProtocolError
+from proxy.protocols.framing import ScanningFramer
+
+STX, ETX, EOT, ENQ, ACK, DLE, NAK = 0x02, 0x03, 0x04, 0x05, 0x06, 0x10, 0x15
+CONTROLS = (EOT, ENQ, ACK, NAK)
+MAX_FRAME = 1024
+
+
+def stuff(data: bytes) -> bytes:
+    return data.replace(b"\x10", b"\x10\x10").replace(b"\x03", b"\x10\x03")
+
+
+def unstuff(stuffed: bytes) -> bytes:
+    out, index = bytearray(), 0
+    while index < len(stuffed):
+        if stuffed[index] == DLE and index + 1 < len(stuffed):
+            index += 1
+        out.append(stuffed[index])
+        index += 1
+    return bytes(out)
+
+
+def build_frame(data: bytes) -> bytes:
+    """STX, the stuffed data, ETX and the CRC."""
+    body = stuff(data) + bytes((ETX,))
+    return bytes((STX,)) + body + bytes((reduce(xor, body, 0),))
+
+
+def decode(frame: bytes) -> bytes:
+    """The data of a frame; ProtocolError on a bad CRC."""
+    if len(frame) < 3 or frame[0] != STX or frame[-2] != ETX:
+        raise ProtocolError(f"not an ATOL v2 frame: {frame.hex(' ')}")
+    if reduce(xor, frame[1:-1], 0) != frame[-1]:
+        raise ProtocolError(f"CRC {frame[-1]:02X} should be {reduce(xor, frame[1:-1], 0):02X}")
+    return unstuff(frame[1:-2])
+
+
+class Framer(ScanningFramer):
+    """STX to the first unescaped ETX, plus the CRC byte.
+
+    The end is found by the stuffing alone; the CRC then tells a frame from a false start (an STX in
+    line noise), which is rescanned so that a frame behind it is not lost.
+    """
+
+    starts = frozenset((STX,))
+
+    def __init__(self) -> None:
+        super().__init__(CONTROLS)
+
+    def _frame_size(self, position: int) -> int | None:
+        buffer, index = self._buffer, position + 1
+        while index < len(buffer) and index - position < MAX_FRAME:
+            byte = buffer[index]
+            if byte == DLE:
+                index += 2
+            elif byte == ETX:
+                if index + 1 >= len(buffer):
+                    return None
+                size = index + 2 - position
+                valid = reduce(xor, buffer[position + 1 : index + 1], 0) == buffer[index + 1]
+                return size if valid else 0
+            else:
+                index += 1
+        return None if index - position < MAX_FRAME else 0
+
+
+class Atol2Exchange(Exchange):
+    """From the host's ENQ to the device's closing EOT; every host message in between belongs to it."""
+
+    def __init__(self) -> None:
+        super().__init__(Framer())
+        self.answering = False
+
+    def on_device(self, event: Event) -> None:
+        if isinstance(event, Frame):
+            self.answering = True
+        elif isinstance(event, Control) and event.byte == EOT and self.answering:
+            self.complete = True
+
+    def from_host(self, event: Event) -> bool:
+        return True
+
+
+class Atol2Protocol:
+    name = "atol2"
+    request_ends_in_silence = False
+    partial_timeout = 0.5
+
+    def host_framer(self) -> Framer:
+        return Framer()
+
+    def is_request(self, event: Event) -> bool:
+        return isinstance(event, Control) and event.byte == ENQ
+
+    def exchange(self, request: Event) -> Atol2Exchange:
+        return Atol2Exchange()
+
+    def busy_answer(self, request: Event) -> bytes | None:
+        return None
+
+    def reject_answer(self, junk: Junk) -> bytes | None:
+        return None
+
+
+PROTOCOL = Atol2Protocol()

@@ -1,0 +1,141 @@
+"""ATOL transport protocol v3 (protocols.md 1.2): FE | LEN0 | LEN1 | ID | DATA | CRC, DATA and CRC escaped.
+
+LEN = len(unescaped DATA) = LEN0 | LEN1 << 7. In DATA and CRC, FE is sent as FD EE and FD as FD ED, so
+FE only ever starts a packet. CRC-8 (poly 0x31, init 0xFF) covers ID and the unescaped DATA. The device
+answers with the packet's ID; a final task result (A3, A4, A6, A7) is acknowledged by the host's C2
+(or C5) packet, and the exchange lasts until the device has answered that too. ID F0 carries
+asynchronous results.
+"""
+
+from __future__ import annotations
+
+from proxy.protocols import Event, Exchange, Frame, Junk, ProtocolError
+from proxy.protocols.framing import ScanningFramer
+
+START, ESCAPE = 0xFE, 0xFD
+ESCAPED = {0xEE: 0xFE, 0xED: 0xFD}
+ASYNC_ID = 0xF0
+MAX_DATA = 0x3FFF
+ADD, ACK_RESULT, REQUEST, ABORT, ACK_ADD = 0xC1, 0xC2, 0xC3, 0xC4, 0xC5
+FINAL_RESULTS = (0xA3, 0xA4, 0xA6, 0xA7)
+
+
+def crc8(data: bytes) -> int:
+    crc = 0xFF
+    for byte in data:
+        crc ^= byte
+        for _ in range(8):
+            crc = ((crc << 1) ^ 0x31) & 0xFF if crc & 0x80 else (crc << 1) & 0xFF
+    return crc
+
+
+def escape(data: bytes) -> bytes:
+    return data.replace(b"\xfd", b"\xfd\xed").replace(b"\xfe", b"\xfd\xee")
+
+
+def build_packet(packet_id: int, data: bytes) -> bytes:
+    """A packet with its length, ID, escaped data and CRC."""
+    if len(data) > MAX_DATA or not 0 <= packet_id <= 0xFF:
+        raise ProtocolError(f"packet of {len(data)} bytes or ID {packet_id} out of range")
+    crc = crc8(bytes((packet_id,)) + data)
+    return bytes((START, len(data) & 0x7F, len(data) >> 7, packet_id)) + escape(data + bytes((crc,)))
+
+
+def decode(packet: bytes) -> tuple[int, bytes]:
+    """(ID, unescaped DATA) of a packet; ProtocolError on a bad length or CRC."""
+    if len(packet) < 5 or packet[0] != START:
+        raise ProtocolError(f"not an ATOL v3 packet: {packet.hex(' ')}")
+    body = _unescape(packet[4:])
+    length = packet[1] | packet[2] << 7
+    if len(body) != length + 1:
+        raise ProtocolError(f"LEN {length} does not match {len(body) - 1} data bytes")
+    if crc8(packet[3:4] + body[:-1]) != body[-1]:
+        raise ProtocolError(f"CRC {body[-1]:02X} should be {crc8(packet[3:4] + body[:-1]):02X}")
+    return packet[3], body[:-1]
+
+
+def _unescape(data: bytes) -> bytes:
+    out, index = bytearray(), 0
+    while index < len(data):
+        if data[index] == ESCAPE and index + 1 < len(data):
+            out.append(ESCAPED.get(data[index + 1], data[index + 1]))
+            index += 2
+        else:
+            out.append(data[index])
+            index += 1
+    return bytes(out)
+
+
+class Framer(ScanningFramer):
+    """FE starts a packet; LEN counts unescaped data bytes, so the escapes are walked to find the end."""
+
+    starts = frozenset((START,))
+
+    def _frame_size(self, position: int) -> int | None:
+        buffer = self._buffer
+        if len(buffer) - position < 4:
+            return None
+        if buffer[position + 1] > 0x7F or buffer[position + 2] > 0x7F:
+            return 0
+        wanted = (buffer[position + 1] | buffer[position + 2] << 7) + 1  # DATA and CRC
+        index = position + 4
+        while wanted:
+            if index >= len(buffer):
+                return None
+            if buffer[index] == START:
+                return 0  # FE is always escaped inside a packet: this one was cut short
+            index += 2 if buffer[index] == ESCAPE else 1
+            wanted -= 1
+        return index - position if index <= len(buffer) else None
+
+
+class Atol3Exchange(Exchange):
+    """The device's packet with the request's ID; after a final result, the host's C2 and its answer."""
+
+    def __init__(self, request: bytes) -> None:
+        super().__init__(Framer())
+        self.packet_id = request[3]
+        self.awaiting_ack = False
+
+    def on_device(self, event: Event) -> None:
+        if not isinstance(event, Frame) or len(event.raw) < 5 or event.raw[3] != self.packet_id:
+            return
+        data = _unescape(event.raw[4:])
+        if self.awaiting_ack:
+            self.complete = True
+        elif data[:1] and data[0] in FINAL_RESULTS:
+            self.awaiting_ack = True
+        else:
+            self.complete = True
+
+    def from_host(self, event: Event) -> bool:
+        if self.awaiting_ack and isinstance(event, Frame) and len(event.raw) > 4:
+            data = _unescape(event.raw[4:])
+            if data[:1] in (bytes((ACK_RESULT,)), bytes((ACK_ADD,))):
+                self.packet_id = event.raw[3]
+                return True
+        return False
+
+
+class Atol3Protocol:
+    name = "atol3"
+    request_ends_in_silence = False
+    partial_timeout = 0.5
+
+    def host_framer(self) -> Framer:
+        return Framer()
+
+    def is_request(self, event: Event) -> bool:
+        return isinstance(event, Frame)
+
+    def exchange(self, request: Event) -> Atol3Exchange:
+        return Atol3Exchange(request.raw)
+
+    def busy_answer(self, request: Event) -> bytes | None:
+        return None
+
+    def reject_answer(self, junk: Junk) -> bytes | None:
+        return None
+
+
+PROTOCOL = Atol3Protocol()

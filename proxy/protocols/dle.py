@@ -1,0 +1,107 @@
+"""The Italian cash-register protocol "DLE STX NUM ID UF UF COD" (protocols.md 2, FORUM only).
+
+DLE STX | NUM | ID | 00 | 00 | COD | DATA | DLE ETX | CRC, with every 10 inside sent as 10 10 and one raw
+byte after DLE ETX. The CRC's algorithm is not public: the proxy passes it through and never checks it,
+and the simulator uses an 8-bit sum of NUM..DATA, a choice of ours. A host frame is answered by one
+ECR frame or a single ACK/NAK byte, which completes the exchange.
+"""
+
+from __future__ import annotations
+
+import attrs
+
+from proxy.protocols import Control, Event, Exchange, Frame, Junk, ProtocolError
+from proxy.protocols.framing import ScanningFramer
+
+DLE, STX, ETX, ENQ, ACK, NAK = 0x10, 0x02, 0x03, 0x05, 0x06, 0x15
+CONTROLS = (ENQ, ACK, NAK)
+KEYBOARD = ord("A")
+MAX_FRAME = 1024
+
+
+@attrs.frozen
+class Message:
+    num: int
+    node: int
+    code: int
+    data: bytes
+    crc: int
+
+
+def checksum(body: bytes) -> int:
+    """The simulator's CRC: the 8-bit sum of NUM..DATA, unstuffed (the real algorithm is unknown)."""
+    return sum(body) & 0xFF
+
+
+def build_frame(num: int, node: int, code: int, data: bytes = b"") -> bytes:
+    body = bytes((num & 0xFF, node & 0xFF, 0, 0, code)) + data
+    return b"\x10\x02" + body.replace(b"\x10", b"\x10\x10") + b"\x10\x03" + bytes((checksum(body),))
+
+
+def decode(frame: bytes) -> Message:
+    """The fields of a frame (the CRC as sent; it is not checked)."""
+    if len(frame) < 10 or frame[:2] != b"\x10\x02" or frame[-3:-1] != b"\x10\x03":
+        raise ProtocolError(f"not a DLE STX frame: {frame.hex(' ')}")
+    body = frame[2:-3].replace(b"\x10\x10", b"\x10")
+    if len(body) < 5:
+        raise ProtocolError(f"frame too short for NUM ID UF UF COD: {frame.hex(' ')}")
+    return Message(body[0], body[1], body[4], body[5:], frame[-1])
+
+
+class Framer(ScanningFramer):
+    """DLE STX to DLE ETX plus exactly one byte; DLE DLE is a literal 10."""
+
+    starts = frozenset((DLE,))
+
+    def __init__(self) -> None:
+        super().__init__(CONTROLS)
+
+    def _frame_size(self, position: int) -> int | None:
+        buffer = self._buffer
+        if len(buffer) - position < 2:
+            return None
+        if buffer[position + 1] != STX:
+            return 0
+        index = position + 2
+        while index - position < MAX_FRAME:
+            if index + 1 >= len(buffer):
+                return None
+            if buffer[index] != DLE:
+                index += 1
+            elif buffer[index + 1] == DLE:
+                index += 2
+            elif buffer[index + 1] == ETX:
+                return index + 3 - position if index + 2 < len(buffer) else None
+            else:
+                return 0  # DLE followed by anything else: not inside a frame, so the start was false
+        return 0
+
+
+class DleExchange(Exchange):
+    def on_device(self, event: Event) -> None:
+        if isinstance(event, Frame) or (isinstance(event, Control) and event.byte in (ACK, NAK)):
+            self.complete = True
+
+
+class DleProtocol:
+    name = "dle"
+    request_ends_in_silence = False
+    partial_timeout = 0.5
+
+    def host_framer(self) -> Framer:
+        return Framer()
+
+    def is_request(self, event: Event) -> bool:
+        return isinstance(event, Frame)
+
+    def exchange(self, request: Event) -> DleExchange:
+        return DleExchange(Framer())
+
+    def busy_answer(self, request: Event) -> bytes | None:
+        return None
+
+    def reject_answer(self, junk: Junk) -> bytes | None:
+        return None
+
+
+PROTOCOL = DleProtocol()

@@ -1,0 +1,150 @@
+"""IEC 61107 / IEC 62056-21 mode C, with Energomera's variants (protocols.md 4.3).
+
+Messages: '/' ... CR LF (sign-on, identification); ACK or NAK alone; ACK V Z Y CR LF (option select,
+from the host); SOH or STX ... ETX or EOT, then one BCC byte. The BCC is 7-bit: standard XOR, or
+Energomera's sum; both are accepted and neither is needed to find a message's end (data is 7-bit, so
+ETX cannot occur inside). A sign-on opens a session that lasts until the host's break (SOH B0 ETX);
+a message outside a session is answered by one reply.
+"""
+
+from __future__ import annotations
+
+from functools import reduce
+from operator import xor
+
+from proxy.protocols import Control, Event, Exchange, Frame, Junk, ProtocolError
+from proxy.protocols.framing import ScanningFramer
+
+SOH, STX, ETX, EOT, ACK, NAK = 0x01, 0x02, 0x03, 0x04, 0x06, 0x15
+SLASH, CR, LF = ord("/"), 0x0D, 0x0A
+MAX_MESSAGE = 1024
+BREAK = b"\x01B0\x03"
+BUSY = "ERR19"
+
+
+def bcc_xor(body: bytes) -> int:
+    return reduce(xor, body, 0) & 0x7F
+
+
+def bcc_sum(body: bytes) -> int:
+    """Energomera's "IEC-add" BCC: the 7-bit sum."""
+    return sum(body) & 0x7F
+
+
+def build_block(head: bytes, *, energomera: bool = False) -> bytes:
+    """SOH/STX ... ETX with its BCC over everything after the first byte."""
+    bcc = bcc_sum(head[1:]) if energomera else bcc_xor(head[1:])
+    return head + bytes((bcc,))
+
+
+def command(code: str, data: str = "", *, energomera: bool = False) -> bytes:
+    """SOH code STX data ETX BCC, e.g. command("R1", "VOLTA()"); a bare code has no STX part."""
+    body = b"\x01" + code.encode() + (b"\x02" + data.encode() if data else b"") + b"\x03"
+    return build_block(body, energomera=energomera)
+
+
+def data_block(data: str, *, energomera: bool = False) -> bytes:
+    return build_block(b"\x02" + data.encode() + b"\x03", energomera=energomera)
+
+
+def bcc_ok(message: bytes) -> bool:
+    """True when the BCC matches either method."""
+    body = message[1:-1]
+    return message[-1] in (bcc_xor(body), bcc_sum(body))
+
+
+def block_data(message: bytes) -> str:
+    """The text between STX (or SOH) and ETX/EOT of a block; ProtocolError on a bad BCC."""
+    if not bcc_ok(message):
+        raise ProtocolError(f"bad BCC in {message!r}")
+    return message[1:-2].decode("ascii", "replace")
+
+
+class Framer(ScanningFramer):
+    """One IEC message at a time; `from_host` decides what ACK followed by a digit means."""
+
+    def __init__(self, *, from_host: bool) -> None:
+        super().__init__((ACK, NAK))
+        self._from_host = from_host
+        self.starts = frozenset((SLASH, SOH, STX, ACK) if from_host else (SLASH, SOH, STX))
+
+    def _frame_size(self, position: int) -> int | None:
+        buffer = self._buffer
+        first = buffer[position]
+        if first == ACK:
+            # From the host, ACK followed by a digit is an option select, ending in CR LF.
+            if len(buffer) - position < 2:
+                return None
+            if not 0x30 <= buffer[position + 1] <= 0x39:
+                return 0
+        if first in (SLASH, ACK):
+            end = buffer.find(b"\r\n", position + 1, position + MAX_MESSAGE)
+            if end >= 0:
+                return end + 2 - position
+            return None if len(buffer) - position < MAX_MESSAGE else 0
+        for index in range(position + 1, min(len(buffer), position + MAX_MESSAGE)):
+            byte = buffer[index]
+            if byte in (ETX, EOT):
+                return index + 2 - position if index + 1 < len(buffer) else None
+            if byte > 0x7F or byte in (SOH,) or (byte == STX and first == STX):
+                return 0  # not 7-bit text inside a block: the start was false
+        return None if len(buffer) - position < MAX_MESSAGE else 0
+
+
+def is_sign_on(message: bytes) -> bool:
+    """/?[address]!CR LF, which opens a session (a broadcast like /?CTIME(...)! does not)."""
+    return message.startswith(b"/?") and message.endswith(b"!\r\n") and b"(" not in message
+
+
+class IecExchange(Exchange):
+    """A session from sign-on to break, or one message and its reply."""
+
+    def __init__(self, request: bytes) -> None:
+        super().__init__(Framer(from_host=False))
+        self.session = is_sign_on(request)
+        # A broadcast (/?CTIME(...)!) and a break get no answer.
+        self.complete = (request.startswith(b"/?") and not self.session) or request[:4] == BREAK
+        self._block_pending = False
+
+    def on_device(self, event: Event) -> None:
+        if self.session:
+            return
+        if isinstance(event, Frame) and event.raw[-2:-1] == bytes((EOT,)):
+            self._block_pending = True  # a partial block: the host ACKs for the next one
+        elif isinstance(event, (Frame, Control)):
+            self.complete = True
+
+    def from_host(self, event: Event) -> bool:
+        if self.session:
+            if isinstance(event, Frame) and event.raw[:4] == BREAK:
+                self.complete = True
+            return True
+        if self._block_pending and isinstance(event, Control):
+            self._block_pending = False
+            return True
+        return False
+
+
+class IecProtocol:
+    name = "iec61107"
+    request_ends_in_silence = False
+    partial_timeout = 0.2
+
+    def host_framer(self) -> Framer:
+        return Framer(from_host=True)
+
+    def is_request(self, event: Event) -> bool:
+        return isinstance(event, Frame)
+
+    def exchange(self, request: Event) -> IecExchange:
+        return IecExchange(request.raw)
+
+    def busy_answer(self, request: Event) -> bytes | None:
+        """STX (ERR19) ETX BCC: "BusyAccess", as the meter answers when another port holds it."""
+        return data_block(f"({BUSY})")
+
+    def reject_answer(self, junk: Junk) -> bytes | None:
+        return None
+
+
+PROTOCOL = IecProtocol()

@@ -1,0 +1,121 @@
+"""Shtrih-M fiscal registers (protocols.md 1.5): STX | LEN | CMD | DATA | LRC, with ENQ/ACK/NAK.
+
+LEN = len(CMD + DATA), one byte; LRC = XOR of LEN..DATA. The host sends ENQ (the device answers NAK
+when idle, ACK when an answer is pending) or a frame (ACK, then the response frame, which the host
+acknowledges). The exchange lasts until that host ACK (or NAK).
+"""
+
+from __future__ import annotations
+
+from functools import reduce
+from operator import xor
+
+from proxy.protocols import Control, Event, Exchange, Frame, Junk, ProtocolError
+from proxy.protocols.framing import ScanningFramer
+
+STX = 0x02
+ENQ = 0x05
+ACK = 0x06
+NAK = 0x15
+CONTROLS = (ENQ, ACK, NAK)
+DEFAULT_PASSWORD = 30
+SHORT_STATUS = 0x10
+
+
+def lrc(body: bytes) -> int:
+    """XOR of LEN..DATA."""
+    return reduce(xor, body, 0)
+
+
+def build_frame(command: int, data: bytes = b"") -> bytes:
+    """A frame for a one-byte command (or a two-byte one given as 0xFFxx) with its LRC."""
+    code = command.to_bytes(2 if command > 0xFF else 1, "big")
+    body = bytes((len(code) + len(data),)) + code + data
+    if body[0] != len(code) + len(data) or len(code) + len(data) > 255:
+        raise ProtocolError(f"frame of {len(code) + len(data)} bytes exceeds 255")
+    return bytes((STX,)) + body + bytes((lrc(body),))
+
+
+def decode(frame: bytes) -> tuple[int, bytes]:
+    """(command, data) of a frame; ProtocolError on a wrong length or LRC."""
+    if len(frame) < 4 or frame[0] != STX or frame[1] != len(frame) - 3:
+        raise ProtocolError(f"not a Shtrih frame: {frame.hex(' ')}")
+    if lrc(frame[1:-1]) != frame[-1]:
+        raise ProtocolError(f"LRC {frame[-1]:02X} should be {lrc(frame[1:-1]):02X}")
+    if frame[2] == 0xFF and len(frame) > 4:
+        return 0xFF00 | frame[3], bytes(frame[4:-1])
+    return frame[2], bytes(frame[3:-1])
+
+
+class Framer(ScanningFramer):
+    """Length-driven frames; a candidate whose LRC fails is a false start and is rescanned."""
+
+    starts = frozenset((STX,))
+
+    def __init__(self) -> None:
+        super().__init__(CONTROLS)
+
+    def _frame_size(self, position: int) -> int | None:
+        buffer = self._buffer
+        if len(buffer) - position < 2:
+            return None
+        length = buffer[position + 1]
+        size = length + 3
+        if length == 0:
+            return 0
+        if len(buffer) - position < size:
+            return None
+        body = buffer[position + 1 : position + size - 1]
+        return size if lrc(body) == buffer[position + size - 1] else 0
+
+
+class ShtrihExchange(Exchange):
+    """ENQ or a frame, the device's ACK/NAK, its response frame, and the host's ACK/NAK of it."""
+
+    def __init__(self, request: Event) -> None:
+        super().__init__(Framer())
+        self.enquiry = isinstance(request, Control)
+        self.answer_pending = False
+        self.acked = False
+
+    def on_device(self, event: Event) -> None:
+        if isinstance(event, Control) and event.byte == NAK:
+            # To ENQ: idle, nothing pending. To a frame: an interface error, the host may resend.
+            self.complete = True
+        elif isinstance(event, Control) and event.byte == ACK:
+            self.acked = True
+        elif isinstance(event, Frame):
+            self.answer_pending = True
+
+    def from_host(self, event: Event) -> bool:
+        if self.answer_pending and isinstance(event, Control) and event.byte in (ACK, NAK):
+            self.complete = True
+            return True
+        return False
+
+    def failure_answer(self) -> bytes:
+        return b"" if self.acked else bytes((NAK,))
+
+
+class ShtrihProtocol:
+    name = "shtrih"
+    request_ends_in_silence = False
+    partial_timeout = 0.5
+
+    def host_framer(self) -> Framer:
+        return Framer()
+
+    def is_request(self, event: Event) -> bool:
+        return isinstance(event, Frame) or (isinstance(event, Control) and event.byte == ENQ)
+
+    def exchange(self, request: Event) -> ShtrihExchange:
+        return ShtrihExchange(request)
+
+    def busy_answer(self, request: Event) -> bytes | None:
+        return None
+
+    def reject_answer(self, junk: Junk) -> bytes | None:
+        return bytes((NAK,)) if junk.raw[:1] == bytes((STX,)) else None
+
+
+PROTOCOL = ShtrihProtocol()
