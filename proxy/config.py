@@ -15,8 +15,8 @@ import attrs
 LOG_LEVELS = ("TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR", "CRITICAL")
 DEVICE_TYPES = ("serial", "tcp", "simulator")
 PROTOCOLS = ("raw", "custom", "shtrih", "atol2", "atol3", "dle", "coges", "energomera-ce", "iec61107")
-# Protocols with an in-process simulator; the others get theirs with the protocol work.
-SIMULATED_PROTOCOLS = ("custom",)
+# Protocols with a simulated device (raw has none: it has no protocol to follow).
+SIMULATED_PROTOCOLS = PROTOCOLS[1:]
 SHARING_MODES = ("session", "exchange")
 # busy_reply = "auto": the protocol's own busy answer to the refused request (exchange sharing).
 AUTO = "auto"

@@ -7,6 +7,7 @@ from loguru import logger
 
 from proxy.config import DeviceConfig
 from proxy.simulators import model_factory, serve_stream
+from proxy.simulators.base import NO_FAULTS
 
 
 async def open_simulator(config: DeviceConfig, nursery: trio.Nursery) -> trio.SocketStream:
@@ -23,6 +24,6 @@ async def open_simulator(config: DeviceConfig, nursery: trio.Nursery) -> trio.So
 async def _run(config: DeviceConfig, stream: trio.SocketStream) -> None:
     async with stream:
         try:
-            await serve_stream(stream, model_factory(config.protocol)())
+            await serve_stream(stream, model_factory(config.protocol)(NO_FAULTS))
         except trio.BrokenResourceError:
             logger.debug("{}: simulated device: proxy end closed", config.name)

@@ -18,6 +18,8 @@ ASYNC_ID = 0xF0
 MAX_DATA = 0x3FFF
 ADD, ACK_RESULT, REQUEST, ABORT, ACK_ADD = 0xC1, 0xC2, 0xC3, 0xC4, 0xC5
 FINAL_RESULTS = (0xA3, 0xA4, 0xA6, 0xA7)
+PENDING = 0xA1
+ASYNC_FLAG = 0x04
 
 
 def crc8(data: bytes) -> int:
@@ -90,22 +92,36 @@ class Framer(ScanningFramer):
 
 
 class Atol3Exchange(Exchange):
-    """The device's packet with the request's ID; after a final result, the host's C2 and its answer."""
+    """The device's packet with the request's ID, and whatever the result still needs.
+
+    A task added with the async flag is answered "pending" (A1) and its result comes later in an
+    asynchronous packet (ID F0) with the same task ID: the exchange waits for it. After a final result
+    (A3, A4, A6, A7) it lasts until the host's C2 (or C5) packet has been answered too.
+    """
 
     def __init__(self, request: bytes) -> None:
         super().__init__(Framer())
-        self.packet_id = request[3]
+        self.packet_id = request[3] if len(request) > 3 else -1
+        data = _unescape(request[4:]) if len(request) > 4 else b""
+        self.waits_async = len(data) >= 3 and data[0] in (ADD, ACK_ADD) and bool(data[1] & ASYNC_FLAG)
+        self.task_id = data[2] if len(data) >= 3 else -1
         self.awaiting_ack = False
 
     def on_device(self, event: Event) -> None:
-        if not isinstance(event, Frame) or len(event.raw) < 5 or event.raw[3] != self.packet_id:
+        if not isinstance(event, Frame) or len(event.raw) < 5:
             return
-        data = _unescape(event.raw[4:])
-        if self.awaiting_ack:
+        packet_id, data = event.raw[3], _unescape(event.raw[4:])
+        if packet_id == ASYNC_ID and self.waits_async and data[1:2] == bytes((self.task_id,)):
+            self.waits_async = False
+            self.awaiting_ack = data[:1] != b"" and data[0] in FINAL_RESULTS
+            self.complete = not self.awaiting_ack
+        elif packet_id != self.packet_id:
+            return
+        elif self.awaiting_ack:
             self.complete = True
         elif data[:1] and data[0] in FINAL_RESULTS:
             self.awaiting_ack = True
-        else:
+        elif not (self.waits_async and data[:1] == bytes((PENDING,))):
             self.complete = True
 
     def from_host(self, event: Event) -> bool:

@@ -7,37 +7,28 @@ import os
 import tty
 from collections.abc import Callable
 from pathlib import Path
-from typing import Protocol
 
 import trio
 from loguru import logger
 
 from proxy.config import Address
+from proxy.simulators.base import NO_FAULTS, Faults, SimulatedDevice
 
 # A pause this long inside a frame makes the simulated device abandon it, as a real one's byte timeout.
 BYTE_TIMEOUT = 0.05
 
 
-class DeviceModel(Protocol):
-    """A simulated device's behaviour, free of I/O."""
-
-    def feed(self, data: bytes) -> list[bytes]: ...
-
-    def line_idle(self) -> list[bytes]: ...
-
-    @property
-    def mid_frame(self) -> bool: ...
-
-
-def model_factory(protocol: str) -> Callable[[], DeviceModel]:
+def model_factory(protocol: str) -> Callable[[Faults], SimulatedDevice]:
     """The simulated device class for `protocol`; KeyError when there is none."""
-    from proxy.simulators.custom import CustomRegister
+    from proxy.simulators import atol2, atol3, coges, custom, dle, energomera_ce, iec61107, shtrih
 
-    return {"custom": CustomRegister}[protocol]
+    modules = (custom, shtrih, atol2, atol3, dle, coges, energomera_ce, iec61107)
+    return {module.PROTOCOL: module.DEVICE for module in modules}[protocol]
 
 
-async def serve_stream(stream: trio.abc.Stream, model: DeviceModel) -> None:
+async def serve_stream(stream: trio.abc.Stream, model: SimulatedDevice) -> None:
     """Answers the host on `stream` until it closes the stream; the caller closes it."""
+    delay = model.faults.delay
     while True:
         with trio.move_on_after(BYTE_TIMEOUT if model.mid_frame else math.inf) as quiet:
             data = await stream.receive_some()
@@ -48,10 +39,14 @@ async def serve_stream(stream: trio.abc.Stream, model: DeviceModel) -> None:
         else:
             writes = model.feed(data)
         for write in writes:
-            await stream.send_all(write)
+            if write.answer and delay:
+                await trio.sleep(delay)
+            await stream.send_all(write.data)
 
 
-async def serve_pty(protocol: str, link: Path, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+async def serve_pty(
+    protocol: str, link: Path, faults: Faults = NO_FAULTS, *, task_status=trio.TASK_STATUS_IGNORED
+) -> None:
     """Runs the device on a new pseudo-terminal; `link` becomes a symlink to its slave side.
 
     task_status gets a line for the user naming the slave path.
@@ -63,7 +58,7 @@ async def serve_pty(protocol: str, link: Path, *, task_status=trio.TASK_STATUS_I
     stream = trio.lowlevel.FdStream(master)
     try:
         task_status.started(f"simulated {protocol} device on {slave_path} (link {link})")
-        model = model_factory(protocol)()
+        model = model_factory(protocol)(faults)
         # Keeping the slave open here means a host that closes it causes no EIO on the master side.
         await serve_stream(stream, model)
     finally:
@@ -85,7 +80,9 @@ def _close_pty(link: Path, slave: int) -> None:
     os.close(slave)
 
 
-async def serve_tcp(protocol: str, address: Address, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+async def serve_tcp(
+    protocol: str, address: Address, faults: Faults = NO_FAULTS, *, task_status=trio.TASK_STATUS_IGNORED
+) -> None:
     """Runs the device on a TCP port; every connection gets a device of its own.
 
     task_status gets a line for the user naming the bound address (port 0 picks a free one).
@@ -97,7 +94,7 @@ async def serve_tcp(protocol: str, address: Address, *, task_status=trio.TASK_ST
 
     async def serve_one(stream: trio.SocketStream) -> None:
         try:
-            await serve_stream(stream, model_factory(protocol)())
+            await serve_stream(stream, model_factory(protocol)(faults))
         except trio.BrokenResourceError:
             logger.info("simulated {} device: host went away", protocol)
 

@@ -9,15 +9,24 @@ from __future__ import annotations
 
 import struct
 
-from proxy.protocols import Frame, Junk
-from proxy.protocols.custom import ACK, NAK, START, Framer, build_frame, decode, password_bytes
+from proxy.protocols import Event, Junk
+from proxy.protocols.custom import (
+    ACK,
+    ERROR_PROTOCOL_BUSY,
+    NAK,
+    START,
+    Framer,
+    build_frame,
+    decode,
+    password_bytes,
+)
+from proxy.simulators.base import NO_FAULTS, Faults, SimulatedDevice, Write
 
 BEEP = 0x13
 READ_PARAMETER = 0x04
 STATUS = 0x01  # simulator's choice: protocols.md does not give the status command's code
 OPERATOR = 99
 ERROR_INVALID_LENGTH = 3502
-ERROR_PROTOCOL_BUSY = 3503
 ERROR_UNKNOWN_COMMAND = 100  # simulator's choice
 ERROR_WRONG_PASSWORD = 101  # simulator's choice
 ERROR_UNKNOWN_PARAMETER = 102  # simulator's choice
@@ -27,39 +36,30 @@ VAT_PARAMETER = bytes.fromhex("08 07 e8 03 00 00 d0 07 00 00 00 00")
 STATUS_DATA = bytes.fromhex("00 01")  # simulator's choice: mode 0 (shift closed), paper present
 
 
-class CustomRegister:
-    """The register's behaviour without I/O: feed() takes host bytes and returns what it answers.
+class CustomRegister(SimulatedDevice):
+    """The register's behaviour without I/O: an ACK at once for a good frame, then its response."""
 
-    Each answer is a list of writes, the ACK apart from the response frame, as the real device sends
-    the ACK before it executes the command.
-    """
-
-    def __init__(self, password: int = 999999) -> None:
-        self._framer = Framer(from_device=False)
+    def __init__(self, faults: Faults = NO_FAULTS, password: int = 999999) -> None:
+        super().__init__(faults)
         self._password = password_bytes(password)
 
-    def feed(self, data: bytes) -> list[bytes]:
-        """Bytes from the host -> the writes the register makes in answer, in order."""
-        return self._answer(self._framer.feed(data))
+    def make_framer(self) -> Framer:
+        return Framer(from_device=False)
 
-    @property
-    def mid_frame(self) -> bool:
-        """True while part of a frame has arrived and the rest is awaited."""
-        return self._framer.pending > 0
+    def nak(self) -> bytes:
+        return bytes((NAK,))
 
-    def line_idle(self) -> list[bytes]:
-        """The host went quiet: a partial frame is abandoned (NAKed if it started like a frame)."""
-        return self._answer(self._framer.flush())
+    def on_other(self, event: Event) -> list[Write]:
+        # A frame whose checksum or length is wrong: the register NAKs it.
+        if isinstance(event, Junk) and event.raw[0] == START:
+            return [Write(bytes((NAK,)), answer=False)]
+        return []
 
-    def _answer(self, events: list) -> list[bytes]:
-        writes: list[bytes] = []
-        for event in events:
-            if isinstance(event, Frame):
-                writes.append(bytes((ACK,)))
-                writes.append(self.respond(event.raw))
-            elif isinstance(event, Junk) and event.raw[0] == START:
-                writes.append(bytes((NAK,)))
-        return writes
+    def answer(self, frame: bytes) -> list[Write]:
+        return [Write(bytes((ACK,)), answer=False), Write(self.respond(frame))]
+
+    def busy_answer(self, frame: bytes) -> list[Write]:
+        return [Write(bytes((ACK,)), answer=False), Write(self._error(frame[3], ERROR_PROTOCOL_BUSY))]
 
     def respond(self, frame: bytes) -> bytes:
         """The response frame to one well-formed request frame."""
@@ -87,3 +87,7 @@ class CustomRegister:
 
     def _error(self, command: int, error: int) -> bytes:
         return build_frame(command, struct.pack("<H", error))
+
+
+PROTOCOL = "custom"
+DEVICE = CustomRegister

@@ -1,0 +1,60 @@
+"""A simulated ATOL v2 register: the ENQ/ACK/EOT choreography, answering each command with 'U', error 0.
+
+The host's ENQ is ACKed, its frame ACKed, and after its EOT the device sends ENQ; once the host ACKs,
+the answer frame follows, and after the host's ACK of that, EOT. The busy answer is error 0x0F in the
+answer frame (the simulator's choice).
+"""
+
+from __future__ import annotations
+
+from proxy.protocols import Control, Event
+from proxy.protocols.atol2 import ACK, ENQ, EOT, NAK, Framer, build_frame, decode
+from proxy.simulators.base import NO_FAULTS, Faults, SimulatedDevice, Write
+
+ANSWER = ord("U")
+ERROR_BUSY = 0x0F
+
+
+class Atol2Register(SimulatedDevice):
+    def __init__(self, faults: Faults = NO_FAULTS) -> None:
+        super().__init__(faults)
+        self._answer: bytes | None = None
+        self._stage = "idle"  # idle -> taking (after ENQ) -> ready (answer ENQ sent) -> sent (answer sent)
+
+    def make_framer(self) -> Framer:
+        return Framer()
+
+    def nak(self) -> bytes:
+        return bytes((NAK,))
+
+    def on_other(self, event: Event) -> list[Write]:
+        if not isinstance(event, Control):
+            return []
+        if event.byte == ENQ:
+            self._stage = "taking"
+            return [Write(bytes((ACK,)), answer=False)]
+        if event.byte == EOT and self._answer is not None:
+            self._stage = "ready"
+            return [Write(bytes((ENQ,)))]
+        if event.byte == ACK and self._stage == "ready":
+            self._stage = "sent"
+            return [Write(build_frame(self._answer), answer=False)]
+        if event.byte == ACK and self._stage == "sent":
+            self._stage, self._answer = "idle", None
+            return [Write(bytes((EOT,)), answer=False)]
+        if event.byte == NAK and self._stage == "sent":
+            return [Write(build_frame(self._answer), answer=False)]
+        return []
+
+    def answer(self, frame: bytes) -> list[Write]:
+        data = decode(frame)
+        self._answer = bytes((ANSWER, 0)) + data[3:4]
+        return [Write(bytes((ACK,)), answer=False)]
+
+    def busy_answer(self, frame: bytes) -> list[Write]:
+        self._answer = bytes((ANSWER, ERROR_BUSY))
+        return [Write(bytes((ACK,)), answer=False)]
+
+
+PROTOCOL = "atol2"
+DEVICE = Atol2Register

@@ -1,0 +1,75 @@
+"""A simulated IEC 61107 meter (mode C, Energomera CE301-like): sign-on, option select, password, R1 reads.
+
+Sign-on /?! (or /?ADDRESS!) gets the identification /EKT5CE301v12; option select ACK 0 5 1 opens
+programming mode with P0 (a fixed seed); P1 with the password (777777) gets ACK, a wrong one NAK; R1
+NAME() gets STX NAME(value) ETX; unknown names (ERR12, the simulator's choice); B0 ends the session.
+Option select ACK 0 5 0 gets the readout. Blocks use the XOR BCC; the busy answer is (ERR19).
+"""
+
+from __future__ import annotations
+
+from proxy.protocols import Event
+from proxy.protocols.iec61107 import ACK, BREAK, BUSY, NAK, SOH, Framer, block_data, command, data_block
+from proxy.simulators.base import NO_FAULTS, Faults, SimulatedDevice, Write
+
+IDENTIFICATION = b"/EKT5CE301v12\r\n"
+ADDRESS = "046950"
+PASSWORD = "777777"
+VALUES = {
+    "VOLTA": "230.12",
+    "CURRE": "1.250",
+    "POWEP": "0.287",
+    "ET0PE": "12345.67",
+    "SNUMB": "009218046950",
+}
+
+
+class IecMeter(SimulatedDevice):
+    def __init__(self, faults: Faults = NO_FAULTS) -> None:
+        super().__init__(faults)
+        self.session = False
+        self.authorised = False
+
+    def make_framer(self) -> Framer:
+        return Framer(from_host=True)
+
+    def nak(self) -> bytes:
+        return bytes((NAK,))
+
+    def on_other(self, event: Event) -> list[Write]:
+        return []
+
+    def answer(self, frame: bytes) -> list[Write]:
+        if frame.startswith(b"/?"):
+            address = frame[2:-3].decode("ascii", "replace")
+            if "(" in address or address not in ("", ADDRESS):
+                return []  # a broadcast, or another meter's address
+            self.session, self.authorised = True, False
+            return [Write(IDENTIFICATION)]
+        if not self.session:
+            return []
+        if frame[0] == ACK:
+            mode = frame[3:4]
+            if mode == b"1":
+                return [Write(command("P0", "(12345678)"))]
+            readout = "".join(f"{name}({value})\r\n" for name, value in VALUES.items()) + "!\r\n"
+            self.session = False
+            return [Write(data_block(readout))]
+        if frame[:4] == BREAK:
+            self.session = self.authorised = False
+            return []
+        if frame[0] == SOH and frame[1:3] == b"P1":
+            self.authorised = block_data(frame).endswith(f"({PASSWORD})")
+            return [Write(bytes((ACK if self.authorised else NAK,)))]
+        if frame[0] == SOH and frame[1:3] == b"R1":
+            name = block_data(frame)[3:].split("(")[0]
+            value = VALUES.get(name)
+            return [Write(data_block(f"{name}({value})" if value is not None else "(ERR12)"))]
+        return [Write(bytes((NAK,)))]
+
+    def busy_answer(self, frame: bytes) -> list[Write]:
+        return [Write(data_block(f"({BUSY})"))]
+
+
+PROTOCOL = "iec61107"
+DEVICE = IecMeter
