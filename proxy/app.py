@@ -51,9 +51,7 @@ def _bound_addresses(listeners: list[trio.SocketListener]) -> list[Address]:
     return [Address(*listener.socket.getsockname()[:2]) for listener in listeners]
 
 
-async def serve(
-    settings: Settings, *, task_status: trio.TaskStatus[Running] = trio.TASK_STATUS_IGNORED
-) -> None:
+async def serve(settings: Settings, *, task_status: trio.TaskStatus[Running] = trio.TASK_STATUS_IGNORED) -> None:
     """Runs the proxy until cancelled; task_status gets a Running once every port accepts clients.
 
     Error handling: BindError when a port cannot be bound (before any device is opened). Devices that

@@ -14,6 +14,7 @@ from loguru import logger
 
 from proxy import config, log
 from proxy.config import Address, ConfigError, ProxyConfig, Settings, parse_address
+from proxy.protocols import energomera_ce as ce_defaults
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -33,10 +34,8 @@ def _address(text: str) -> Address:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="devproxy", description="Share serial and TCP devices between clients."
-    )
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser = argparse.ArgumentParser(prog="devproxy", description="Share serial and TCP devices between clients.")
+    commands = parser.add_subparsers(dest="subcommand", required=True, metavar="COMMAND")
 
     for name, help_text in (("run", "run the proxy in the foreground"), ("check", "validate the config")):
         sub = commands.add_parser(name, help=help_text)
@@ -50,32 +49,38 @@ def build_parser() -> argparse.ArgumentParser:
     simulate = commands.add_parser("simulate", help="run a simulated device on a pty or a TCP port")
     simulate.add_argument("protocol", choices=config.SIMULATED_PROTOCOLS)
     where = simulate.add_mutually_exclusive_group(required=True)
-    where.add_argument(
-        "--pty", metavar="LINK", type=Path, help="make a pseudo-terminal; LINK becomes a symlink to it"
-    )
-    where.add_argument(
-        "--listen", metavar="HOST:PORT", type=_address, help="accept hosts on this TCP address"
-    )
+    where.add_argument("--pty", metavar="LINK", type=Path, help="make a pseudo-terminal; LINK becomes a symlink to it")
+    where.add_argument("--listen", metavar="HOST:PORT", type=_address, help="accept hosts on this TCP address")
+    simulate.add_argument("--delay", type=float, default=0.0, metavar="S", help="seconds before each answer")
+    simulate.add_argument("--nak-every", type=int, default=0, metavar="N", help="NAK every Nth frame")
+    simulate.add_argument("--drop-every", type=int, default=0, metavar="N", help="never answer every Nth frame")
+    simulate.add_argument("--busy", action="store_true", help="answer every command with the busy error")
 
-    send = commands.add_parser("send", help="send one request frame and print the answer")
+    send = commands.add_parser("send", help="send one request in a device's protocol and print the answer")
     send.add_argument("address", metavar="HOST:PORT", type=_address)
-    send.add_argument("--protocol", required=True, choices=("custom",))
-    what = send.add_mutually_exclusive_group(required=True)
-    what.add_argument("--command", help="a named command: beep, status, read-vat")
-    what.add_argument("--hex", help='raw bytes to send as they are, e.g. "01 05 00 13 3f 42 0f 00 a8"')
-    send.add_argument("--password", type=int, default=999999, help="the register's password (default 999999)")
+    send.add_argument("--protocol", required=True, choices=config.SIMULATED_PROTOCOLS)
+    send.add_argument("--hex", help="the request frame as hex bytes, sent as it is")
+    send.add_argument("--command", help="custom: beep, status, read-vat; shtrih: short-status; energomera-ce: 0120")
+    send.add_argument("--password", type=int, help="the device's password (each protocol has its default)")
+    send.add_argument("--keys", help="dle: key codes, e.g. 1,2,75; coges: keys, e.g. ENT,2,9")
+    send.add_argument("--id", type=int, default=1, help="dle: the register's node ID (default 1)")
+    send.add_argument("--num", type=int, default=1, help="dle: the message number NUM (default 1)")
+    send.add_argument("--price", type=int, help="coges: set a price")
+    send.add_argument("--manager-code", help="coges: a 4- or 8-digit manager code")
+    send.add_argument("--address", dest="meter_address", help="energomera-ce: the meter's address; iec61107: its ID")
+    send.add_argument("--read", metavar="NAME", help="iec61107: the parameter to read, e.g. VOLTA")
     send.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the whole answer")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command == "run":
+    if args.subcommand == "run":
         return run(args.config or default_config_path())
-    if args.command == "check":
+    if args.subcommand == "check":
         return check(args.config or default_config_path())
-    if args.command == "simulate":
-        return simulate(args.protocol, pty=args.pty, listen=args.listen)
+    if args.subcommand == "simulate":
+        return simulate(args)
     return send(args)
 
 
@@ -95,9 +100,7 @@ def check(path: str) -> int:
     print(f"{path}: OK, {len(settings.devices)} device(s)")
     for device in settings.devices:
         line = (
-            f"{device.baudrate} {device.bytesize}{device.parity}{device.stopbits:g}"
-            if device.type == "serial"
-            else ""
+            f"{device.baudrate} {device.bytesize}{device.parity}{device.stopbits:g}" if device.type == "serial" else ""
         )
         print(f"  {device.name}: {device.type} {device.describe()} {line}".rstrip())
         listen = ", ".join(map(str, device.listen))
@@ -125,30 +128,39 @@ def run(path: str) -> int:
     return EXIT_OK
 
 
-def simulate(protocol: str, *, pty: Path | None, listen: Address | None) -> int:
+def simulate(args: argparse.Namespace) -> int:
     """A simulated device until SIGINT or SIGTERM."""
     from proxy.simulators import serve_pty, serve_tcp
+    from proxy.simulators.base import Faults
 
+    faults = Faults(args.delay, args.nak_every, args.drop_every, args.busy)
     log.setup(ProxyConfig())
-    if pty is not None:
-        _run_until_signal(lambda task_status: serve_pty(protocol, pty, task_status=task_status))
+    if args.pty is not None:
+        _run_until_signal(lambda task_status: serve_pty(args.protocol, args.pty, faults, task_status=task_status))
     else:
-        _run_until_signal(lambda task_status: serve_tcp(protocol, listen, task_status=task_status))
+        _run_until_signal(lambda task_status: serve_tcp(args.protocol, args.listen, faults, task_status=task_status))
     return EXIT_OK
 
 
 def send(args: argparse.Namespace) -> int:
     """One exchange with a device; prints what was sent and the answer, exit 1 with the reason on failure."""
-    from proxy.send import SendError, custom_request, exchange_custom
+    from proxy.send import SendError, exchange
 
+    if args.protocol == "energomera-ce":
+        args.password = ce_defaults.DEFAULT_PASSWORD if args.password is None else args.password
+        try:
+            args.address_number = int(args.meter_address or "65535")
+        except ValueError:
+            print(f"error: --address {args.meter_address!r} is not a number", file=sys.stderr)
+            return EXIT_FAILED
+    elif args.protocol == "custom" and args.password is None:
+        args.password = 999999
     try:
-        request = custom_request(args.command, args.hex, args.password)
-        print(f"sent {request.hex(' ')}")
-        for line in trio.run(exchange_custom, args.address, request, args.timeout):
-            print(line)
+        lines = trio.run(exchange, args.address, args.protocol, args)
     except SendError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_FAILED
+    print("\n".join(lines))
     return EXIT_OK
 
 

@@ -305,9 +305,7 @@ def _check_device(table: _Table, config: DeviceConfig) -> None:
             if address.port == 0:
                 table.fail("path", f"{config.path!r}: a device's port cannot be 0")
     if config.type == "simulator" and config.protocol not in SIMULATED_PROTOCOLS:
-        table.fail(
-            "protocol", f"{config.protocol!r} has no simulator (simulated: {', '.join(SIMULATED_PROTOCOLS)})"
-        )
+        table.fail("protocol", f"{config.protocol!r} has no simulator (simulated: {', '.join(SIMULATED_PROTOCOLS)})")
     if "listen" in table.values and not config.listen:
         table.fail("listen", "is empty: no client could reach this device")
     elif "listen" not in raw:

@@ -215,9 +215,7 @@ class ExchangeClient:
                 if exchange.ends_in_silence and trio.current_time() >= running.last_byte + config.frame_gap:
                     exchange.quiet()
             if not exchange.complete:
-                device.reset_link(
-                    f"exchange not complete within exchange_timeout = {config.exchange_timeout:g} s"
-                )
+                device.reset_link(f"exchange not complete within exchange_timeout = {config.exchange_timeout:g} s")
                 return "timeout"
             return "ok"
         return f"link lost ({lease.ended})"

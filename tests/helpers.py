@@ -50,9 +50,7 @@ async def receive_exactly(stream: trio.abc.ReceiveStream, count: int) -> bytes:
         while len(data) < count:
             chunk = await stream.receive_some(count - len(data))
             if not chunk:
-                raise AssertionError(
-                    f"end of stream after {len(data)} of {count} bytes: {bytes(data)[:64]!r}"
-                )
+                raise AssertionError(f"end of stream after {len(data)} of {count} bytes: {bytes(data)[:64]!r}")
             data += chunk
     return bytes(data)
 

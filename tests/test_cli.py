@@ -91,9 +91,7 @@ def test_run_exits_2_when_a_port_is_taken(tmp_path):
         taken.listen()
         port = taken.getsockname()[1]
         settings = write_settings(tmp_path / "settings.toml", port)
-        result = subprocess.run(
-            [*PROXY, "run", "-c", str(settings)], capture_output=True, text=True, timeout=LIMIT
-        )
+        result = subprocess.run([*PROXY, "run", "-c", str(settings)], capture_output=True, text=True, timeout=LIMIT)
     assert result.returncode == 2
     assert f"device 'reg': cannot listen on 127.0.0.1:{port}: Address already in use" in result.stderr
 
@@ -101,9 +99,7 @@ def test_run_exits_2_when_a_port_is_taken(tmp_path):
 def test_run_and_check_exit_2_listing_every_config_problem(tmp_path):
     settings = write_settings(tmp_path / "settings.toml", 8000, baudrate=-1, sharing="everyone")
     for command in ("run", "check"):
-        result = subprocess.run(
-            [*PROXY, command, "-c", str(settings)], capture_output=True, text=True, timeout=LIMIT
-        )
+        result = subprocess.run([*PROXY, command, "-c", str(settings)], capture_output=True, text=True, timeout=LIMIT)
         assert result.returncode == 2
         assert "2 problem(s)" in result.stderr
         assert "device 'reg': baudrate -1 is not >= 1" in result.stderr
@@ -112,9 +108,7 @@ def test_run_and_check_exit_2_listing_every_config_problem(tmp_path):
 
 def test_check_prints_what_would_run(tmp_path):
     settings = write_settings(tmp_path / "settings.toml", 8123)
-    result = subprocess.run(
-        [*PROXY, "check", "-c", str(settings)], capture_output=True, text=True, timeout=LIMIT
-    )
+    result = subprocess.run([*PROXY, "check", "-c", str(settings)], capture_output=True, text=True, timeout=LIMIT)
     assert result.returncode == 0
     assert "reg: simulator simulated custom device" in result.stdout
     assert "clients on 127.0.0.1:8123" in result.stdout
@@ -123,9 +117,7 @@ def test_check_prints_what_would_run(tmp_path):
 def test_config_path_comes_from_the_environment(tmp_path):
     settings = write_settings(tmp_path / "elsewhere.toml", 8124)
     env = {**os.environ, "DEVPROXY_CONFIG": str(settings)}
-    result = subprocess.run(
-        [*PROXY, "check"], capture_output=True, text=True, timeout=LIMIT, env=env, cwd=tmp_path
-    )
+    result = subprocess.run([*PROXY, "check"], capture_output=True, text=True, timeout=LIMIT, env=env, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "127.0.0.1:8124" in result.stdout
 

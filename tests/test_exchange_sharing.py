@@ -61,9 +61,7 @@ async def test_fifty_clients_each_get_exactly_their_own_answers_in_order(tmp_pat
 
             async def client(number: int) -> None:
                 async with await connect(running, "ecr") as stream:
-                    requests = [
-                        build_frame(0x13, struct.pack("<HH", number, sequence)) for sequence in range(20)
-                    ]
+                    requests = [build_frame(0x13, struct.pack("<HH", number, sequence)) for sequence in range(20)]
                     await stream.send_all(b"".join(requests))
                     answers = await read_frames(stream, 20)
                     assert [decode(a).data[2:] for a in answers] == [decode(r).data for r in requests]

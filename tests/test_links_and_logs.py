@@ -48,9 +48,7 @@ async def test_a_path_that_is_not_a_serial_port_says_why(tmp_path):
     plain.write_text("")
     config = device_config(type="serial", path=str(plain))
     async with trio.open_nursery() as nursery:
-        with pytest.raises(
-            LinkError, match="notatty: not a serial port \\(Inappropriate ioctl for device\\)"
-        ):
+        with pytest.raises(LinkError, match="notatty: not a serial port \\(Inappropriate ioctl for device\\)"):
             await open_link(config, nursery)
 
 

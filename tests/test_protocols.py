@@ -42,9 +42,7 @@ def coges_frame(text: str) -> bytes:
     return coges.build_frame(text)
 
 
-printable = st.text(
-    st.characters(min_codepoint=0x20, max_codepoint=0x7E, exclude_characters="<>"), max_size=40
-)
+printable = st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E, exclude_characters="<>"), max_size=40)
 seven_bit = st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=40)
 
 # name: (host framer, device framer, valid frames, bytes that may start a frame)

@@ -59,9 +59,7 @@ async def test_tcp_device_passes_bytes_both_ways_unchanged(size):
         async with running_proxy(settings) as running:
             device_end = await tcp.next_connection()
             async with await connect(running, "printer") as client:
-                await wait_for(
-                    running.devices["printer"], lambda: running.devices["printer"].state == State.BUSY
-                )
+                await wait_for(running.devices["printer"], lambda: running.devices["printer"].state == State.BUSY)
                 await exchange_both_ways(client, device_end, size)
         nursery.cancel_scope.cancel()
 
@@ -83,9 +81,7 @@ async def test_second_client_is_refused_with_busy_reply_after_acquire_timeout():
         async with await connect(running, "reg") as second:
             assert await receive_until_closed(second) == b"\x15\x42"
         assert device.counters.refused["busy"] == 1
-        assert device.holder is not None and device.holder.client.endswith(
-            str(holder.socket.getsockname()[1])
-        )
+        assert device.holder is not None and device.holder.client.endswith(str(holder.socket.getsockname()[1]))
         await holder.aclose()
 
 
@@ -344,9 +340,7 @@ async def test_one_client_vanishing_mid_transfer_does_not_disturb_the_next():
             device_end = await tcp.next_connection()
             client = await connect(running, "dev")
             await wait_for(device, lambda: device.state == State.BUSY)
-            client.socket.setsockopt(
-                trio.socket.SOL_SOCKET, trio.socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00"
-            )
+            client.socket.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
             await client.aclose()
             await device_end.send_all(b"z" * 200_000)
             await wait_for(device, lambda: device.holder is None)

@@ -6,9 +6,10 @@ from pathlib import Path
 
 import trio
 
+from proxy.cli import build_parser
 from proxy.config import Address
 from proxy.protocols.custom import build_frame, decode, password_bytes
-from proxy.send import custom_request, exchange_custom
+from proxy.send import exchange
 from proxy.simulators import serve_pty, serve_tcp
 from proxy.simulators.custom import (
     ERROR_INVALID_LENGTH,
@@ -85,10 +86,11 @@ async def test_simulator_on_a_pty_answers_send_through_the_proxy(tmp_path: Path)
         assert str(link) in ready and link.is_symlink()
         settings = settings_for({"name": "reg", "type": "serial", "path": str(link), "baudrate": 57600})
         async with running_proxy(settings) as running:
-            lines = await exchange_custom(
-                running.addresses["reg"][0], custom_request("beep", None, 999999), 10
-            )
-        assert lines == ["ACK", "response 01 04 00 13 00 00 63 7a: command 13h, OK, data 63"]
+            address = running.addresses["reg"][0]
+            args = build_parser().parse_args(["send", str(address), "--protocol", "custom", "--command", "beep"])
+            args.password = 999999
+            lines = await exchange(address, "custom", args)
+        assert lines[1:] == ["ACK", "response 01 04 00 13 00 00 63 7a: command 13h, OK, data 63"]
         nursery.cancel_scope.cancel()
     assert not link.exists()
 

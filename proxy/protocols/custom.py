@@ -61,9 +61,7 @@ class Message:
     def error(self) -> int:
         """A response's error code (0 = OK); responses always start with it."""
         if len(self.data) < 2:
-            raise ProtocolError(
-                f"response to {self.command:02X}h has {len(self.data)} data bytes, no error code"
-            )
+            raise ProtocolError(f"response to {self.command:02X}h has {len(self.data)} data bytes, no error code")
         return struct.unpack_from("<H", self.data)[0]
 
 
