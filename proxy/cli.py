@@ -14,7 +14,6 @@ from loguru import logger
 
 from proxy import config, log
 from proxy.config import Address, ConfigError, ProxyConfig, Settings, parse_address
-from proxy.protocols import energomera_ce as ce_defaults
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -146,15 +145,6 @@ def send(args: argparse.Namespace) -> int:
     """One exchange with a device; prints what was sent and the answer, exit 1 with the reason on failure."""
     from proxy.send import SendError, exchange
 
-    if args.protocol == "energomera-ce":
-        args.password = ce_defaults.DEFAULT_PASSWORD if args.password is None else args.password
-        try:
-            args.address_number = int(args.meter_address or "65535")
-        except ValueError:
-            print(f"error: --address {args.meter_address!r} is not a number", file=sys.stderr)
-            return EXIT_FAILED
-    elif args.protocol == "custom" and args.password is None:
-        args.password = 999999
     try:
         lines = trio.run(exchange, args.address, args.protocol, args)
     except SendError as exc:

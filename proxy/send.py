@@ -116,7 +116,7 @@ async def send_custom(talk: Conversation, args: argparse.Namespace) -> None:
     if args.hex:
         request = _hex(args.hex)
     elif args.command in CUSTOM_COMMANDS:
-        data = custom.password_bytes(args.password)
+        data = custom.password_bytes(custom.DEFAULT_PASSWORD if args.password is None else args.password)
         if args.command == "read-vat":
             data += VAT_FAMILY.to_bytes(2, "little")
         request = custom.build_frame(CUSTOM_COMMANDS[args.command], data)
@@ -258,8 +258,13 @@ async def send_ce(talk: Conversation, args: argparse.Namespace) -> None:
             command = int(args.command or "0120", 16)
         except ValueError:
             raise SendError(f"--command {args.command!r} must be 4 hex digits, e.g. 0120") from None
+        try:
+            address = int(args.meter_address or "65535")
+        except ValueError:
+            raise SendError(f"--address {args.meter_address!r} is not a number") from None
+        password = ce.DEFAULT_PASSWORD if args.password is None else args.password
         data = b"\x00" if command == ce.READ_SERIAL else b""
-        packet = ce.Packet(args.address_number, ce.HOST_ADDRESS, args.password, True, ce.CLASS_NORMAL, command, data)
+        packet = ce.Packet(address, ce.HOST_ADDRESS, password, True, ce.CLASS_NORMAL, command, data)
         request = ce.build(packet)
     await talk.send(request)
     answer = await talk.frame("a reply packet")

@@ -88,7 +88,6 @@ async def test_simulator_on_a_pty_answers_send_through_the_proxy(tmp_path: Path)
         async with running_proxy(settings) as running:
             address = running.addresses["reg"][0]
             args = build_parser().parse_args(["send", str(address), "--protocol", "custom", "--command", "beep"])
-            args.password = 999999
             lines = await exchange(address, "custom", args)
         assert lines[1:] == ["ACK", "response 01 04 00 13 00 00 63 7a: command 13h, OK, data 63"]
         nursery.cancel_scope.cancel()

@@ -48,7 +48,7 @@ class Atol2Register(SimulatedDevice):
 
     def answer(self, frame: bytes) -> list[Write]:
         data = decode(frame)
-        self._answer = bytes((ANSWER, 0)) + data[3:4]
+        self._answer = bytes((ANSWER, 0)) + data[2:3]  # after the 2-byte password: the command
         return [Write(bytes((ACK,)), answer=False)]
 
     def busy_answer(self, frame: bytes) -> list[Write]:

@@ -1,0 +1,80 @@
+"""Every simulated device answers its own protocol's `send`, directly and through exchange sharing."""
+
+from __future__ import annotations
+
+import pytest
+import trio
+
+from proxy.cli import build_parser
+from proxy.config import Address
+from proxy.send import SendError, exchange
+from proxy.simulators import serve_tcp
+from proxy.simulators.base import NO_FAULTS, Faults
+
+from helpers import running_proxy, settings_for
+
+CASES = [
+    ("custom", ["--command", "beep"], "command 13h, OK, data 63"),
+    ("shtrih", ["--command", "short-status"], "command 10h, OK"),
+    ("atol2", [], "answer 02 55 00 47 03"),
+    ("atol3", [], "status A3"),
+    ("dle", ["--keys", "1,2,75"], "ACK"),
+    ("coges", ["--keys", "2,9,ENT"], "answer <000050OK>"),
+    ("energomera-ce", ["--command", "0120", "--address", "46950"], "meter time 20"),
+    ("iec61107", ["--read", "VOLTA"], "VOLTA(230.12)"),
+]
+
+
+def send_args(address: Address, protocol: str, extra: list[str]):
+    return build_parser().parse_args(["send", str(address), "--protocol", protocol, "--timeout", "10", *extra])
+
+
+async def simulator(nursery: trio.Nursery, protocol: str, faults: Faults = NO_FAULTS) -> Address:
+    ready = await nursery.start(serve_tcp, protocol, Address("127.0.0.1", 0), faults)
+    return Address("127.0.0.1", int(ready.rsplit(":", 1)[1]))
+
+
+@pytest.mark.parametrize(("protocol", "extra", "expected"), CASES)
+async def test_simulator_answers_send_directly(protocol, extra, expected):
+    async with trio.open_nursery() as nursery:
+        address = await simulator(nursery, protocol)
+        lines = await exchange(address, protocol, send_args(address, protocol, extra))
+        assert any(expected in line for line in lines), lines
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize(("protocol", "extra", "expected"), CASES)
+async def test_simulator_answers_send_through_exchange_sharing(protocol, extra, expected):
+    settings = settings_for({"name": "dev", "type": "simulator", "protocol": protocol, "sharing": "exchange"})
+    async with running_proxy(settings) as running:
+        address = running.addresses["dev"][0]
+        lines = await exchange(address, protocol, send_args(address, protocol, extra))
+        assert any(expected in line for line in lines), lines
+        assert running.devices["dev"].counters.exchanges["timeout"] == 0
+
+
+@pytest.mark.parametrize("protocol", ["custom", "shtrih", "dle", "iec61107"])
+async def test_send_fails_with_the_reason_when_the_device_naks(protocol):
+    extra = dict((case[0], case[1]) for case in CASES)[protocol]
+    async with trio.open_nursery() as nursery:
+        address = await simulator(nursery, protocol, Faults(nak_every=1))
+        with pytest.raises(SendError, match=r"NAK|refused"):
+            await exchange(address, protocol, send_args(address, protocol, extra))
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_dropped_answer_is_a_timeout():
+    async with trio.open_nursery() as nursery:
+        address = await simulator(nursery, "custom", Faults(drop_every=1))
+        args = send_args(address, "custom", ["--command", "beep", "--timeout", "0.2"])
+        with pytest.raises(SendError, match=r"no complete answer within 0\.2 s"):
+            await exchange(address, "custom", args)
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_busy_device_answers_with_its_busy_error():
+    async with trio.open_nursery() as nursery:
+        address = await simulator(nursery, "custom", Faults(busy=True))
+        lines = await exchange(address, "custom", send_args(address, "custom", ["--command", "beep"]))
+        assert "error 3503" in lines[-1]
+        nursery.cancel_scope.cancel()
