@@ -250,15 +250,18 @@ class Device:
 
     def reset_link(self, reason: str) -> None:
         """Closes the link as failed, so a late answer cannot reach the next client; it is reopened."""
-        if self._link_scope is not None:
-            self._link_close_reason = reason
-            self._link_scope.cancel()
+        self._close_link(reason)
 
     def _release_link(self) -> None:
         """release_port: closes the link on purpose after a lease."""
+        self._close_link(None)
+
+    def _close_link(self, reason: str | None) -> None:
         if self._link_scope is not None:
-            self._link_close_reason = None
+            self._link_close_reason = reason
             self._link_scope.cancel()
+            # No lease may start on a link that is being closed: from now on waiters wait for the next.
+            self._link = None
 
     def _notify(self) -> None:
         self._changed.set()
@@ -352,26 +355,18 @@ class Device:
         if self.config.release_port:
             self._gave_up = False
             self._demand.set()
-        while True:
-            link = self._link
-            if link is None:
-                if self._gave_up:
-                    return False
-                await self._changed.wait()
-                continue
-            dropped = discard_input(link)
-            # The reader may hold a chunk it read before this lease; two scheduling rounds let it
-            # drop that chunk as unsolicited before the lease is installed. Shielded: this is not
-            # waiting, and acquire_timeout = 0 must not cancel it.
-            with trio.CancelScope(shield=True):
-                await trio.lowlevel.checkpoint()
-                await trio.lowlevel.checkpoint()
-            if dropped:
-                self.counters.unsolicited_bytes += dropped
-                self._notify()
-                logger.debug("{}: dropped {} stale bytes before the next lease", self.name, dropped)
-            if self._link is link:
-                return True
+        while (link := self._link) is None:
+            if self._gave_up:
+                return False
+            await self._changed.wait()
+        # The reader decides whose bytes are whose the moment they leave the kernel (wire.reader has
+        # no scheduling point after its read), so what is still in the kernel now is stale.
+        dropped = discard_input(link)
+        if dropped:
+            self.counters.unsolicited_bytes += dropped
+            self._notify()
+            logger.debug("{}: dropped {} stale bytes before the next lease", self.name, dropped)
+        return True
 
     def _end_demand(self) -> None:
         if self.config.release_port:

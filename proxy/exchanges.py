@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Awaitable, Callable
 
 import attrs
 import trio
@@ -68,13 +69,18 @@ class ExchangeClient:
         self._fd = wire.fileno(stream)
 
     async def serve(self) -> str:
-        """Serves the client until it closes; returns how it ended. ClientGone when it must be dropped."""
+        """Serves the client until it closes; returns how it ended. ClientGone when it must be dropped.
+
+        When the protocol's host never speaks during an exchange, the reader runs each exchange
+        itself (the client's next request waits in the socket meanwhile), saving a task hop a request.
+        """
+        if not self.protocol.host_speaks_during_exchange:
+            return await self._read_requests(self._handle)
         send_queue, queue = trio.open_memory_channel[Request | LocalAnswer](QUEUED_REQUESTS)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._run_requests, queue)
             async with send_queue:
-                why = await self._read_requests(send_queue)
-        return why
+                return await self._read_requests(send_queue.send)
 
     async def _write(self, data: bytes) -> None:
         if self.broken:
@@ -87,7 +93,7 @@ class ExchangeClient:
 
     # -- the reader ------------------------------------------------------------------------------
 
-    async def _read_requests(self, queue: trio.MemorySendChannel) -> str:
+    async def _read_requests(self, submit: Callable[[Request | LocalAnswer], Awaitable[None]]) -> str:
         framer = self.protocol.host_framer()
         receive = wire.reader(self.stream, READ_SIZE)
         protocol = self.protocol
@@ -104,12 +110,12 @@ class ExchangeClient:
                 events = framer.feed(data)
             else:
                 for event in framer.flush():
-                    await self._dispatch(event, queue)
+                    await self._dispatch(event, submit)
                 return "closed the connection"
             for event in events:
-                await self._dispatch(event, queue)
+                await self._dispatch(event, submit)
 
-    async def _dispatch(self, event: Event, queue: trio.MemorySendChannel) -> None:
+    async def _dispatch(self, event: Event, submit: Callable[[Request | LocalAnswer], Awaitable[None]]) -> None:
         running = self.running
         if running is not None and not running.exchange.complete and running.exchange.from_host(event):
             if running.lease is not None:
@@ -119,7 +125,7 @@ class ExchangeClient:
             if running.exchange.complete:
                 running.done.set()
         elif self.protocol.is_request(event):
-            await queue.send(Request(event))
+            await submit(Request(event))
         else:
             logger.info(
                 "{}: client {} sent {} bytes that are no {} request, dropped: {}",
@@ -131,17 +137,20 @@ class ExchangeClient:
             )
             answer = self.protocol.reject_answer(event) if isinstance(event, Junk) else None
             if answer:
-                await queue.send(LocalAnswer(answer))
+                await submit(LocalAnswer(answer))
 
     # -- the runner ------------------------------------------------------------------------------
 
     async def _run_requests(self, queue: trio.MemoryReceiveChannel) -> None:
         async with queue:
             async for item in queue:
-                if isinstance(item, LocalAnswer):
-                    await self._write(item.data)
-                else:
-                    await self._run(item.event)
+                await self._handle(item)
+
+    async def _handle(self, item: Request | LocalAnswer) -> None:
+        if isinstance(item, LocalAnswer):
+            await self._write(item.data)
+        else:
+            await self._run(item.event)
 
     async def _run(self, request: Event) -> None:
         device = self.device
@@ -179,15 +188,15 @@ class ExchangeClient:
         device.count_exchange(result, duration)
         if result != "ok" and not running.exchange.complete:
             await self._write(running.exchange.failure_answer())
-        logger.debug(
+        logger.opt(lazy=True).debug(
             "{}: {} exchange for {}: {} -> {} ({} bytes) in {:.3f} s",
-            device.name,
-            result,
-            self.client,
-            log.hexdump(request.raw, 16),
-            log.hexdump(bytes(running.answer_head), 16) or "nothing",
-            running.answer_size,
-            duration,
+            lambda: device.name,
+            lambda: result,
+            lambda: self.client,
+            lambda: log.hexdump(request.raw, 16),
+            lambda: log.hexdump(bytes(running.answer_head), 16) or "nothing",
+            lambda: running.answer_size,
+            lambda: duration,
         )
 
     async def _exchange(self, lease: Lease, running: Running, request: Event) -> str:

@@ -56,7 +56,12 @@ async def receive_some(stream: trio.abc.Stream, fd: int, max_bytes: int) -> byte
 
 
 def reader(stream: trio.abc.Stream, max_bytes: int) -> Callable[[], Awaitable[bytes]]:
-    """A no-argument receive for `stream`: the direct path for sockets, the stream's own otherwise."""
+    """A no-argument receive for `stream`: the direct path for sockets, the stream's own otherwise.
+
+    Both return straight after their read, with no scheduling point in between (trio's own
+    SocketStream.receive_some has one), so the caller sees the bytes at the moment they left the
+    kernel: the device's reader relies on that to give them to the lease that was current then.
+    """
     if isinstance(stream, trio.SocketStream):
         return partial(receive_some, stream, stream.socket.fileno(), max_bytes)
     return partial(stream.receive_some, max_bytes)

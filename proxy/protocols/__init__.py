@@ -105,6 +105,8 @@ class DeviceProtocol(Protocol):
     request_ends_in_silence: bool
     # Seconds without a byte after which a client's partial message is abandoned and rescanned.
     partial_timeout: float
+    # True when the host sends more during an exchange (an ACK of the answer, the rest of a session).
+    host_speaks_during_exchange: bool
 
     def host_framer(self) -> Framer:
         """A framer for the client's side of the link."""

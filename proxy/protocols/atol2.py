@@ -97,6 +97,7 @@ class Atol2Exchange(Exchange):
 class Atol2Protocol:
     name = "atol2"
     request_ends_in_silence = False
+    host_speaks_during_exchange = True
     partial_timeout = 0.5
 
     def host_framer(self) -> Framer:

@@ -136,6 +136,7 @@ class Atol3Exchange(Exchange):
 class Atol3Protocol:
     name = "atol3"
     request_ends_in_silence = False
+    host_speaks_during_exchange = True
     partial_timeout = 0.5
 
     def host_framer(self) -> Framer:

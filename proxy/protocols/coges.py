@@ -79,6 +79,7 @@ class Framer(ScanningFramer):
 class CogesProtocol:
     name = "coges"
     request_ends_in_silence = False
+    host_speaks_during_exchange = False
     partial_timeout = 0.3
 
     def host_framer(self) -> Framer:

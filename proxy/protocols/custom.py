@@ -141,6 +141,7 @@ class CustomExchange(Exchange):
 class CustomProtocol:
     name = "custom"
     request_ends_in_silence = False
+    host_speaks_during_exchange = False
     # The register's own per-stage byte timeouts are well under a second.
     partial_timeout = 1.0
 

@@ -86,6 +86,7 @@ class DleExchange(Exchange):
 class DleProtocol:
     name = "dle"
     request_ends_in_silence = False
+    host_speaks_during_exchange = False
     partial_timeout = 0.5
 
     def host_framer(self) -> Framer:

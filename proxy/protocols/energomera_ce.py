@@ -99,6 +99,7 @@ class Framer(ScanningFramer):
 class CeProtocol:
     name = "energomera-ce"
     request_ends_in_silence = False
+    host_speaks_during_exchange = False
     partial_timeout = 0.5
 
     def host_framer(self) -> Framer:

@@ -128,6 +128,7 @@ class IecExchange(Exchange):
 class IecProtocol:
     name = "iec61107"
     request_ends_in_silence = False
+    host_speaks_during_exchange = True
     partial_timeout = 0.2
 
     def host_framer(self) -> Framer:

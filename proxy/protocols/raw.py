@@ -36,6 +36,7 @@ class RawExchange(Exchange):
 class RawProtocol:
     name = "raw"
     request_ends_in_silence = True
+    host_speaks_during_exchange = False
     partial_timeout = 0.0  # unused: a raw message ends in frame_gap of silence
 
     def host_framer(self) -> SilenceFramer:

@@ -100,6 +100,7 @@ class ShtrihExchange(Exchange):
 class ShtrihProtocol:
     name = "shtrih"
     request_ends_in_silence = False
+    host_speaks_during_exchange = True
     partial_timeout = 0.5
 
     def host_framer(self) -> Framer:
