@@ -47,9 +47,12 @@ class Running:
     """The exchange in progress for one client, as both of its tasks see it."""
 
     exchange: Exchange
+    frame_gap: float
     lease: Lease | None = None
     done: trio.Event = attrs.field(factory=trio.Event)
-    first_byte: trio.Event = attrs.field(factory=trio.Event)
+    # What the runner waits in; the device's bytes move its deadline (answer begun, silence).
+    wait: trio.CancelScope = attrs.field(factory=trio.CancelScope)
+    exchange_deadline: float = math.inf
     last_byte: float = 0.0
     answer_head: bytearray = attrs.field(factory=bytearray)
     answer_size: int = 0
@@ -154,7 +157,7 @@ class ExchangeClient:
 
     async def _run(self, request: Event) -> None:
         device = self.device
-        running = Running(self.protocol.exchange(request))
+        running = Running(self.protocol.exchange(request), self.config.frame_gap)
         started = trio.current_time()
 
         async def to_client(data: bytes) -> None:
@@ -162,8 +165,11 @@ class ExchangeClient:
             if exchange.complete:
                 device.counters.unsolicited_bytes += len(data)
                 return
-            running.last_byte = trio.current_time()
-            running.first_byte.set()
+            running.last_byte = now = trio.current_time()
+            if exchange.ends_in_silence:
+                running.wait.deadline = min(running.exchange_deadline, now + running.frame_gap)
+            elif not running.answer_size:
+                running.wait.deadline = running.exchange_deadline
             running.answer_size += len(data)
             if len(running.answer_head) < 32:
                 running.answer_head += data[: 32 - len(running.answer_head)]
@@ -200,32 +206,35 @@ class ExchangeClient:
         )
 
     async def _exchange(self, lease: Lease, running: Running, request: Event) -> str:
-        """Sends the request and waits for the exchange to complete; returns "ok" or why it failed."""
+        """Sends the request and waits for the exchange to complete; returns "ok" or why it failed.
+
+        One wait, whose deadline is response_timeout until the device's first byte, then
+        exchange_timeout (or frame_gap of silence, for protocols whose answers end in it).
+        """
         device, config, exchange = self.device, self.config, running.exchange
-        deadline = trio.current_time() + config.exchange_timeout
+        running.exchange_deadline = trio.current_time() + config.exchange_timeout
+        running.wait.deadline = trio.current_time() + config.response_timeout
         with lease.cancel_scope:
             try:
                 await lease.send(request.raw)
             except LinkLost as exc:
                 return f"link lost ({exc})"
-            if exchange.complete:
-                return "ok"  # a message nothing answers, like an IEC broadcast
-            with trio.move_on_after(config.response_timeout):
-                await running.first_byte.wait()
-            if not running.first_byte.is_set():
-                device.reset_link(f"no answer within response_timeout = {config.response_timeout:g} s")
-                return "timeout"
-            while not exchange.complete and trio.current_time() < deadline:
-                until = deadline
-                if exchange.ends_in_silence:
-                    until = min(deadline, running.last_byte + config.frame_gap)
-                with trio.move_on_at(until):
+            while not exchange.complete:
+                with running.wait:
                     await running.done.wait()
-                if exchange.ends_in_silence and trio.current_time() >= running.last_byte + config.frame_gap:
-                    exchange.quiet()
-            if not exchange.complete:
-                device.reset_link(f"exchange not complete within exchange_timeout = {config.exchange_timeout:g} s")
-                return "timeout"
+                if exchange.complete:
+                    break
+                if not exchange.answered:
+                    device.reset_link(f"no answer within response_timeout = {config.response_timeout:g} s")
+                    return "timeout"
+                if trio.current_time() >= running.exchange_deadline:
+                    limit = config.exchange_timeout
+                    device.reset_link(f"exchange not complete within exchange_timeout = {limit:g} s")
+                    return "timeout"
+                exchange.quiet()
+                running.wait = trio.CancelScope(
+                    deadline=min(running.exchange_deadline, running.last_byte + config.frame_gap)
+                )
             return "ok"
         return f"link lost ({lease.ended})"
 
