@@ -68,9 +68,11 @@ class Lease:
     calls end(), which cancels `cancel_scope`; `ended` then says why.
     """
 
-    def __init__(self, device: Device, client: str, sink: Sink) -> None:
+    def __init__(self, device: Device, client: str, sink: Sink, log_level: str = "INFO") -> None:
         self.device = device
         self.client = client
+        self.log_level = log_level
+        self.released = False
         self.cancel_scope = trio.CancelScope()
         self.ended: str | None = None
         self.last_activity = trio.current_time()
@@ -100,6 +102,13 @@ class Lease:
         except BROKEN as exc:
             self.end(f"connection failed: {exc}")
 
+    def release(self) -> None:
+        """Gives the device to the next waiter now (idempotent); the lease's block may still run on."""
+        if not self.released:
+            self.released = True
+            self._link = None
+            self.device._release(self)
+
     def end(self, reason: str) -> None:
         """Ends the lease early for `reason`; the first reason given is the one kept."""
         if self.ended is None:
@@ -125,7 +134,9 @@ class Device:
         self.waiting = 0
         self.tracing = False
         self.holder: Lease | None = None
-        self._lock = trio.Lock()
+        # FIFO like trio.Lock (its ParkingLot hands a release to the first waiter), but releasable by
+        # any task: the device's reader ends an exchange's lease the moment the answer is complete.
+        self._lock = trio.Semaphore(1)
         self._link: trio.abc.Stream | None = None
         self._link_scope: trio.CancelScope | None = None
         # Why the link was closed from inside the proxy: a reason, or None when closed on purpose.
@@ -307,7 +318,7 @@ class Device:
         Refused("busy") when another client kept the device for the whole wait, Refused("offline")
         when the link was down.
         """
-        lease = Lease(self, client, sink)
+        lease = Lease(self, client, sink, log_level)
         started = trio.current_time()
         holding = granted = False
         self.waiting += 1
@@ -340,15 +351,19 @@ class Device:
         try:
             yield lease
         finally:
-            self.holder = None
-            if self._link is not None:
-                self._set_state(State.IDLE)
-            if self.config.release_port:
-                self._end_demand()
-                self._release_link()
-            self._lock.release()
-            self._notify()
-            logger.log(log_level, "{}: {} released the device", self.name, client)
+            lease.release()
+
+    def _release(self, lease: Lease) -> None:
+        """Ends `lease` and hands the device to the next waiter; any task may call it, once."""
+        self.holder = None
+        if self._link is not None:
+            self._set_state(State.IDLE)
+        if self.config.release_port:
+            self._end_demand()
+            self._release_link()
+        self._lock.release()
+        self._notify()
+        logger.log(lease.log_level, "{}: {} released the device", self.name, lease.client)
 
     async def _wait_for_link(self) -> bool:
         """With the lock held: waits for an open link and empties it of stale bytes."""

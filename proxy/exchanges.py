@@ -57,6 +57,12 @@ class Running:
     answer_head: bytearray = attrs.field(factory=bytearray)
     answer_size: int = 0
 
+    def finish(self) -> None:
+        """The exchange is complete: the next client's request may go to the device at once."""
+        if self.lease is not None:
+            self.lease.release()
+        self.done.set()
+
 
 class ExchangeClient:
     """One client connection under exchange sharing."""
@@ -126,7 +132,7 @@ class ExchangeClient:
                 with contextlib.suppress(LinkLost):
                     await running.lease.send(event.raw)
             if running.exchange.complete:
-                running.done.set()
+                running.finish()
         elif self.protocol.is_request(event):
             await submit(Request(event))
         else:
@@ -176,7 +182,7 @@ class ExchangeClient:
             exchange.from_device(data)
             await self._write(data)
             if exchange.complete:
-                running.done.set()
+                running.finish()
 
         try:
             async with device.lease(self.client, to_client, log_level="DEBUG") as lease:
