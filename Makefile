@@ -26,6 +26,7 @@ lint: install
 
 bench: install
 	$(BIN)/python bench/latency.py
+	$(BIN)/python bench/exchange.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info
