@@ -143,7 +143,7 @@ class Device:
         self._link_close_reason: str | None = None
         # Set on every change an observer can see (state, holder, waiters, clients, refusals, dropped
         # bytes); replaced after each set, so every waiter sees each change. Not set per forwarded chunk.
-        self._changed = trio.Event()
+        self._changed: trio.Event | None = None
         # release_port: set while a lease wants the link opened.
         self._demand = trio.Event()
         # reconnect_interval = 0 and the last open failed: waiters are refused at once.
@@ -275,11 +275,15 @@ class Device:
             self._link = None
 
     def _notify(self) -> None:
-        self._changed.set()
-        self._changed = trio.Event()
+        # Created only when someone waits: most changes (two a lease) have no observer.
+        if self._changed is not None:
+            self._changed.set()
+            self._changed = None
 
     async def changed(self) -> None:
         """Returns at the next change of state, holder, waiters, clients, refusals or dropped bytes."""
+        if self._changed is None:
+            self._changed = trio.Event()
         await self._changed.wait()
 
     def client_connected(self) -> None:
@@ -320,26 +324,12 @@ class Device:
         """
         lease = Lease(self, client, sink, log_level)
         started = trio.current_time()
-        holding = granted = False
-        self.waiting += 1
-        self._notify()
-        try:
-            with trio.move_on_after(self.config.acquire_timeout):
-                # acquire_nowait() first, so that acquire_timeout = 0 still takes a free device.
-                try:
-                    self._lock.acquire_nowait()
-                except trio.WouldBlock:
-                    await self._lock.acquire()
-                holding = True
-                granted = await self._wait_for_link()
-        finally:
-            self.waiting -= 1
-            self._notify()
-            if holding and not granted:
-                self._end_demand()
-                self._lock.release()
-        if not granted:
-            raise self._refusal()
+        if self._lock.value and self._link is not None and not self.config.release_port:
+            # Free and open: nothing to wait for, so no timer and no scheduling round.
+            self._lock.acquire_nowait()
+            self._discard_stale(self._link)
+        else:
+            await self._wait_for_lease()
         self.holder = lease
         lease._link = self._link
         lease._link_fd = wire.fileno(self._link)
@@ -365,6 +355,29 @@ class Device:
         self._notify()
         logger.log(lease.log_level, "{}: {} released the device", self.name, lease.client)
 
+    async def _wait_for_lease(self) -> None:
+        """Waits, in arrival order, for the lock and an open link; Refused after acquire_timeout."""
+        holding = granted = False
+        self.waiting += 1
+        self._notify()
+        try:
+            with trio.move_on_after(self.config.acquire_timeout):
+                # acquire_nowait() first, so that acquire_timeout = 0 still takes a free device.
+                try:
+                    self._lock.acquire_nowait()
+                except trio.WouldBlock:
+                    await self._lock.acquire()
+                holding = True
+                granted = await self._wait_for_link()
+        finally:
+            self.waiting -= 1
+            self._notify()
+            if holding and not granted:
+                self._end_demand()
+                self._lock.release()
+        if not granted:
+            raise self._refusal()
+
     async def _wait_for_link(self) -> bool:
         """With the lock held: waits for an open link and empties it of stale bytes."""
         if self.config.release_port:
@@ -373,7 +386,11 @@ class Device:
         while (link := self._link) is None:
             if self._gave_up:
                 return False
-            await self._changed.wait()
+            await self.changed()
+        self._discard_stale(link)
+        return True
+
+    def _discard_stale(self, link: trio.abc.Stream) -> None:
         # The reader decides whose bytes are whose the moment they leave the kernel (wire.reader has
         # no scheduling point after its read), so what is still in the kernel now is stale.
         dropped = discard_input(link)
@@ -381,7 +398,6 @@ class Device:
             self.counters.unsolicited_bytes += dropped
             self._notify()
             logger.debug("{}: dropped {} stale bytes before the next lease", self.name, dropped)
-        return True
 
     def _end_demand(self) -> None:
         if self.config.release_port:

@@ -108,12 +108,17 @@ class ExchangeClient:
         protocol = self.protocol
         silence = self.config.frame_gap if protocol.request_ends_in_silence else protocol.partial_timeout
         while True:
-            with trio.move_on_after(silence if framer.pending else math.inf) as quiet:
-                try:
+            try:
+                if framer.pending:
+                    data = None
+                    with trio.move_on_after(silence):
+                        data = await receive()
+                else:
+                    # No timer while nothing is pending: a cancel scope a read is measurable here.
                     data = await receive()
-                except BROKEN as exc:
-                    return f"connection failed: {exc}"
-            if quiet.cancelled_caught:
+            except BROKEN as exc:
+                return f"connection failed: {exc}"
+            if data is None:
                 events = framer.flush()
             elif data:
                 events = framer.feed(data)
@@ -220,29 +225,32 @@ class ExchangeClient:
         device, config, exchange = self.device, self.config, running.exchange
         running.exchange_deadline = trio.current_time() + config.exchange_timeout
         running.wait.deadline = trio.current_time() + config.response_timeout
-        with lease.cancel_scope:
-            try:
-                await lease.send(request.raw)
-            except LinkLost as exc:
-                return f"link lost ({exc})"
-            while not exchange.complete:
-                with running.wait:
-                    await running.done.wait()
-                if exchange.complete:
-                    break
-                if not exchange.answered:
-                    device.reset_link(f"no answer within response_timeout = {config.response_timeout:g} s")
-                    return "timeout"
-                if trio.current_time() >= running.exchange_deadline:
-                    limit = config.exchange_timeout
-                    device.reset_link(f"exchange not complete within exchange_timeout = {limit:g} s")
-                    return "timeout"
-                exchange.quiet()
-                running.wait = trio.CancelScope(
-                    deadline=min(running.exchange_deadline, running.last_byte + config.frame_gap)
-                )
-            return "ok"
-        return f"link lost ({lease.ended})"
+        # One cancel scope serves both: the lease's (ended when the link is lost) and the wait's.
+        lease.cancel_scope = running.wait
+        try:
+            await lease.send(request.raw)
+        except LinkLost as exc:
+            return f"link lost ({exc})"
+        while not exchange.complete:
+            with running.wait:
+                await running.done.wait()
+            if lease.ended is not None:
+                return f"link lost ({lease.ended})"
+            if exchange.complete:
+                break
+            if not exchange.answered:
+                device.reset_link(f"no answer within response_timeout = {config.response_timeout:g} s")
+                return "timeout"
+            if trio.current_time() >= running.exchange_deadline:
+                limit = config.exchange_timeout
+                device.reset_link(f"exchange not complete within exchange_timeout = {limit:g} s")
+                return "timeout"
+            exchange.quiet()
+            running.wait = trio.CancelScope(
+                deadline=min(running.exchange_deadline, running.last_byte + config.frame_gap)
+            )
+            lease.cancel_scope = running.wait
+        return "ok"
 
     async def _refused(self, request: Event, refusal: Refused) -> None:
         answer = self.config.busy_reply
