@@ -86,10 +86,14 @@ class ExchangeClient:
         if not self.protocol.host_speaks_during_exchange:
             return await self._read_requests(self._handle)
         send_queue, queue = trio.open_memory_channel[Request | LocalAnswer](QUEUED_REQUESTS)
+        gone: list[ClientGone] = []
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._run_requests, queue)
+            nursery.start_soon(self._run_requests, queue, gone, nursery.cancel_scope)
             async with send_queue:
-                return await self._read_requests(send_queue.send)
+                why = await self._read_requests(send_queue.send)
+        if gone:
+            raise gone[0]
+        return why
 
     async def _write(self, data: bytes) -> None:
         if self.broken:
@@ -117,6 +121,7 @@ class ExchangeClient:
                     # No timer while nothing is pending: a cancel scope a read is measurable here.
                     data = await receive()
             except BROKEN as exc:
+                self.broken = True
                 return f"connection failed: {exc}"
             if data is None:
                 events = framer.flush()
@@ -155,14 +160,29 @@ class ExchangeClient:
 
     # -- the runner ------------------------------------------------------------------------------
 
-    async def _run_requests(self, queue: trio.MemoryReceiveChannel) -> None:
+    async def _run_requests(
+        self, queue: trio.MemoryReceiveChannel, gone: list[ClientGone], scope: trio.CancelScope
+    ) -> None:
+        """Runs the queued requests in order; a ClientGone ends the reader too (handed over in `gone`)."""
         async with queue:
-            async for item in queue:
-                await self._handle(item)
+            try:
+                async for item in queue:
+                    await self._handle(item)
+            except ClientGone as exc:
+                gone.append(exc)
+                scope.cancel()
 
     async def _handle(self, item: Request | LocalAnswer) -> None:
         if isinstance(item, LocalAnswer):
             await self._write(item.data)
+        elif self.broken:
+            # Nobody would see the answer: a queued command is not run for a client that is gone.
+            logger.info(
+                "{}: request of client {} dropped: the client is gone: {}",
+                self.device.name,
+                self.client,
+                log.hexdump(item.event.raw, 16),
+            )
         else:
             await self._run(item.event)
 

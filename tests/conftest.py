@@ -11,3 +11,12 @@ def quiet_logs():
     log.setup(ProxyConfig(log_level="DEBUG"))
     yield
     logger.remove()
+
+
+@pytest.fixture
+def log_lines():
+    """Every log message from here on, as text, to check what an operator would read."""
+    lines: list[str] = []
+    sink = logger.add(lines.append, level="DEBUG", format="{level} {message}")
+    yield lines
+    logger.remove(sink)

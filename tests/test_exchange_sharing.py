@@ -12,7 +12,7 @@ from proxy.protocols.custom import Framer, build_frame, decode
 from proxy.simulators import serve_stream
 from proxy.simulators.custom import CustomRegister
 
-from helpers import PtyDevice, connect, receive_exactly, running_proxy, settings_for, wait_for
+from helpers import PtyDevice, connect, receive_exactly, receive_until_closed, running_proxy, settings_for, wait_for
 
 H = bytes.fromhex
 BEEP = H("01 05 00 13 3F 42 0F 00 A8")
@@ -221,3 +221,34 @@ async def test_link_lost_mid_exchange_fails_the_request_and_keeps_the_client(tmp
             await device_end.send_all(BEEP_ANSWER)
             assert await receive_exactly(client, 9) == BEEP_ANSWER
     await pty.unplug()
+
+
+async def test_a_refused_client_with_no_busy_answer_is_disconnected_and_others_go_on(tmp_path, log_lines):
+    pty = PtyDevice(tmp_path / "ttySHTRIH")
+    device_end = pty.plug()
+    settings = settings_for(
+        {
+            "name": "fr",
+            "type": "serial",
+            "path": str(pty.path),
+            "protocol": "shtrih",
+            "sharing": "exchange",
+            "acquire_timeout": 0.05,
+        }
+    )
+    async with running_proxy(settings) as running:
+        device = running.devices["fr"]
+        await wait_for(device, lambda: device.state == State.IDLE)
+        async with await connect(running, "fr") as holder, await connect(running, "fr") as refused:
+            await holder.send_all(H("05"))
+            assert await receive_exactly(device_end, 1) == H("05")
+            await refused.send_all(H("05"))
+            assert await receive_until_closed(refused) == b""
+            assert device.counters.refused["busy"] == 1
+            await device_end.send_all(H("15"))
+            assert await receive_exactly(holder, 1) == H("15")
+            await holder.send_all(H("05"))
+            assert await receive_exactly(device_end, 1) == H("05")
+    await pty.unplug()
+    assert any("closing the connection (no busy answer to give)" in line for line in log_lines)
+    assert not any("unexpected error" in line for line in log_lines)
