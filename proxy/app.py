@@ -9,6 +9,10 @@ from loguru import logger
 from proxy.clients import serve_clients
 from proxy.config import Address, Settings
 from proxy.device import Device
+from proxy.status.server import StatusServer
+
+# The key of the status server's listeners among the devices' (no device name contains brackets).
+STATUS = "[status]"
 
 
 class BindError(Exception):
@@ -21,6 +25,7 @@ class Running:
 
     devices: dict[str, Device]
     addresses: dict[str, list[Address]]
+    status: Address | None = None
 
 
 async def bind(address: Address, owner: str) -> list[trio.SocketListener]:
@@ -35,6 +40,8 @@ async def _bind_all(settings: Settings) -> dict[str, list[trio.SocketListener]]:
     """Binds every listening address before anything runs, so a clash starts nothing at all."""
     bound: dict[str, list[trio.SocketListener]] = {}
     try:
+        if settings.proxy.status is not None:
+            bound[STATUS] = await bind(settings.proxy.status, "[proxy] status")
         for device in settings.devices:
             bound[device.name] = []
             for address in device.listen:
@@ -58,9 +65,18 @@ async def serve(settings: Settings, *, task_status: trio.TaskStatus[Running] = t
     are absent are not errors: their supervisors retry.
     """
     listeners = await _bind_all(settings)
+    status_listeners = listeners.pop(STATUS, [])
     devices = {config.name: Device(config) for config in settings.devices}
     running = Running(devices, {name: _bound_addresses(ls) for name, ls in listeners.items()})
     async with trio.open_nursery() as nursery:
+        if status_listeners:
+            status = StatusServer(
+                lambda: {name: (device, running.addresses[name]) for name, device in running.devices.items()},
+                settings.proxy.status_token,
+            )
+            await nursery.start(status.serve, status_listeners)
+            running.status = _bound_addresses(status_listeners)[0]
+            logger.info("status page on http://{}/", running.status)
         for name, device in devices.items():
             await nursery.start(device.run)
             await nursery.start(serve_clients, device, listeners[name])

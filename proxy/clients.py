@@ -12,10 +12,6 @@ from proxy import wire
 from proxy.device import BROKEN, READ_SIZE, Device, Lease, LinkLost, Refused
 from proxy.exchanges import ClientGone, ExchangeClient
 
-# After a refusal the reply gets this long to drain before the connection is closed, so that a
-# client's unread request does not turn our close into a reset that discards the reply.
-REFUSAL_LINGER = 1.0
-
 
 def peer_name(stream: trio.SocketStream) -> str:
     """'host:port' of the client at the other end of `stream`."""
@@ -49,7 +45,7 @@ async def handle_client(device: Device, stream: trio.SocketStream) -> None:
             device.count_refusal(refusal[0])
             logger.info("{}: client {} refused: {}", device.name, client, refusal[1])
             if refusal[0] != "not allowed":
-                await _refuse(stream, device.config.busy_reply)
+                await wire.finish(stream, device.config.busy_reply)
             return
         device.client_connected()
         logger.info("{}: client {} connected ({} connected)", device.name, client, device.clients)
@@ -61,10 +57,10 @@ async def handle_client(device: Device, stream: trio.SocketStream) -> None:
                 await _session(device, stream, client)
         except ClientGone as exc:
             logger.info("{}: client {} disconnected: {}", device.name, client, exc)
-            await _refuse(stream, b"")
+            await wire.finish(stream, b"")
         except Refused as exc:
             logger.info("{}: client {} refused: {}", device.name, client, exc)
-            await _refuse(stream, device.config.busy_reply)
+            await wire.finish(stream, device.config.busy_reply)
         except Exception:
             # A bug must cost this one client its connection, never the proxy or the other clients.
             logger.exception("{}: client {}: unexpected error; connection closed", device.name, client)
@@ -87,19 +83,6 @@ def _admission(device: Device, stream: trio.SocketStream) -> tuple[str, str] | N
     if device.clients >= config.max_clients:
         return ("too many clients", f"max_clients = {config.max_clients} reached")
     return None
-
-
-async def _refuse(stream: trio.SocketStream, reply: bytes) -> None:
-    """Sends the busy reply, ends our side, and lets the client's unread bytes drain before the close."""
-    with trio.move_on_after(REFUSAL_LINGER):
-        try:
-            if reply:
-                await stream.send_all(reply)
-            await stream.send_eof()
-            while await stream.receive_some(READ_SIZE):
-                pass
-        except BROKEN:
-            pass
 
 
 async def _session(device: Device, stream: trio.SocketStream, client: str) -> None:

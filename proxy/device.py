@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import bisect
 import enum
+import math
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -42,6 +44,22 @@ class LinkLost(Exception):
     """The link to the device broke while a lease was using it."""
 
 
+# Upper bounds, in seconds, of the buckets of the wait and exchange histograms (the last is +Inf).
+BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, math.inf)
+
+
+@attrs.define
+class Histogram:
+    """Observed durations, counted into BUCKETS (not cumulative), with their sum."""
+
+    counts: list[int] = attrs.field(factory=lambda: [0] * len(BUCKETS))
+    total: float = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect.bisect_left(BUCKETS, seconds)] += 1
+        self.total += seconds
+
+
 @attrs.define
 class Counters:
     """What a device has done since the proxy started."""
@@ -51,10 +69,11 @@ class Counters:
     unsolicited_bytes: int = 0
     leases_granted: int = 0
     refused: Counter[str] = attrs.field(factory=Counter)
-    # Exchange sharing: exchanges by result ("ok", "timeout", "refused", "link lost ..."), and the
-    # total seconds the finished ones took.
+    # Exchange sharing: exchanges by result ("ok", "timeout", "refused", "link lost"), and how long.
     exchanges: Counter[str] = attrs.field(factory=Counter)
-    exchange_seconds: float = 0.0
+    exchange_seconds: Histogram = attrs.field(factory=Histogram)
+    # How long clients waited for the device, granted or not.
+    lock_wait_seconds: Histogram = attrs.field(factory=Histogram)
     link_opens: int = 0
     link_losses: int = 0
     last_connect: datetime | None = None
@@ -296,7 +315,8 @@ class Device:
 
     def count_exchange(self, result: str, seconds: float) -> None:
         self.counters.exchanges[result.split(" (")[0]] += 1
-        self.counters.exchange_seconds += seconds
+        if result != "refused":
+            self.counters.exchange_seconds.observe(seconds)
         self._notify()
 
     def count_refusal(self, reason: str) -> None:
@@ -329,7 +349,11 @@ class Device:
             self._lock.acquire_nowait()
             self._discard_stale(self._link)
         else:
-            await self._wait_for_lease()
+            try:
+                await self._wait_for_lease()
+            except Refused:
+                self.counters.lock_wait_seconds.observe(trio.current_time() - started)
+                raise
         self.holder = lease
         lease._link = self._link
         lease._link_fd = wire.fileno(self._link)
@@ -337,6 +361,7 @@ class Device:
         self.counters.leases_granted += 1
         self._set_state(State.BUSY)
         waited = trio.current_time() - started
+        self.counters.lock_wait_seconds.observe(waited)
         logger.log(log_level, "{}: {} holds the device (waited {:.2f} s)", self.name, client, waited)
         try:
             yield lease

@@ -65,3 +65,21 @@ def reader(stream: trio.abc.Stream, max_bytes: int) -> Callable[[], Awaitable[by
     if isinstance(stream, trio.SocketStream):
         return partial(receive_some, stream, stream.socket.fileno(), max_bytes)
     return partial(stream.receive_some, max_bytes)
+
+
+async def finish(stream: trio.SocketStream, reply: bytes = b"", linger: float = 1.0) -> None:
+    """Sends `reply`, ends our side, and reads what the peer still sends (up to `linger` seconds).
+
+    Closing a socket with unread input makes the kernel send a reset, which can destroy the reply
+    before the peer reads it; draining first lets a refusal or an error answer arrive. Errors from a
+    peer already gone are ignored: there is nobody left to tell.
+    """
+    with trio.move_on_after(linger):
+        try:
+            if reply:
+                await stream.send_all(reply)
+            await stream.send_eof()
+            while await stream.receive_some(65536):
+                pass
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass

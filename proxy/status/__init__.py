@@ -1,0 +1,1 @@
+"""The status server: an HTML page, a JSON API and Prometheus metrics about every device."""
