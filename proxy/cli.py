@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import sys
@@ -69,6 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
     send.add_argument("--address", dest="meter_address", help="energomera-ce: the meter's address; iec61107: its ID")
     send.add_argument("--read", metavar="NAME", help="iec61107: the parameter to read, e.g. VOLTA")
     send.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the whole answer")
+    status = commands.add_parser("status", help="the device table of a running proxy")
+    status.add_argument("--url", help="the status server (default: [proxy] status of the config, or 127.0.0.1:8600)")
+    status.add_argument("--json", action="store_true", help="print the JSON the API returns")
+    status.add_argument("--token", help="bearer token (default: $DEVPROXY_STATUS_TOKEN, or the config's)")
+    status.add_argument("-c", "--config", default=None, help="settings file to take the address and token from")
     return parser
 
 
@@ -80,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
         return check(args.config or default_config_path())
     if args.subcommand == "simulate":
         return simulate(args)
+    if args.subcommand == "status":
+        return status(args)
     return send(args)
 
 
@@ -151,6 +159,30 @@ def send(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_FAILED
     print("\n".join(lines))
+    return EXIT_OK
+
+
+def status(args: argparse.Namespace) -> int:
+    """Prints the device table of a running proxy; exit 1 with the reason when it cannot be read."""
+    from proxy.status.client import StatusError, fetch, table
+
+    url, token = args.url, args.token or os.environ.get("DEVPROXY_STATUS_TOKEN", "")
+    path = args.config or default_config_path()
+    if url is None or not token:
+        try:
+            proxy_config = config.load(path).proxy
+        except ConfigError:
+            proxy_config = ProxyConfig()
+        if url is None:
+            address = proxy_config.status or Address("127.0.0.1", 8600)
+            url = f"http://{address}"
+        token = token or proxy_config.status_token
+    try:
+        devices = fetch(url if "://" in url else f"http://{url}", token)
+    except StatusError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    print(json.dumps(devices, indent=1) if args.json else table(devices))
     return EXIT_OK
 
 

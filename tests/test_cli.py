@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -197,3 +198,37 @@ def test_send_exits_1_on_a_timeout(simulator_port):
     result = send(simulator_port, "--hex", "01 05 00", "--timeout", "0.01")
     assert result.returncode == 1
     assert "no complete answer within 0.01 s" in result.stderr or "NAK" in result.stderr
+
+
+def test_status_prints_the_device_table_and_json(tmp_path):
+    settings = write_settings(tmp_path / "settings.toml", 0)
+    text = settings.read_text().replace('status = ""', 'status = "127.0.0.1:0"\nstatus_token = "t0ken"')
+    settings.write_text(text)
+    with spawn("run", "-c", str(settings), stderr=subprocess.PIPE) as proxy:
+        address = wait_for_line(proxy.stderr, r"status page on http://(127\.0\.0\.1:\d+)/").group(1)
+        wait_for_line(proxy.stderr, r"sharing\) on 127\.0\.0\.1:\d+")
+        table = subprocess.run(
+            [*PROXY, "status", "--url", address, "--token", "t0ken"], capture_output=True, text=True, timeout=LIMIT
+        )
+        as_json = subprocess.run(
+            [*PROXY, "status", "-c", str(settings), "--url", address, "--json"],
+            capture_output=True,
+            text=True,
+            timeout=LIMIT,
+        )
+        refused = subprocess.run([*PROXY, "status", "--url", address], capture_output=True, text=True, timeout=LIMIT)
+    assert table.returncode == 0, table.stderr
+    assert table.stdout.splitlines()[0].split()[:2] == ["DEVICE", "STATE"]
+    assert table.stdout.splitlines()[1].split()[:2] == ["reg", "idle"]
+    assert as_json.returncode == 0 and json.loads(as_json.stdout)[0]["name"] == "reg"
+    assert refused.returncode == 1 and "HTTP 401" in refused.stderr
+
+
+def test_status_says_why_when_no_proxy_answers():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    result = subprocess.run(
+        [*PROXY, "status", "--url", f"127.0.0.1:{port}"], capture_output=True, text=True, timeout=LIMIT
+    )
+    assert result.returncode == 1 and "cannot reach" in result.stderr

@@ -1,0 +1,57 @@
+"""`devproxy status`: the device table of a running proxy, read from its JSON API."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from typing import Any
+
+COLUMNS = (
+    ("name", "DEVICE"),
+    ("state", "STATE"),
+    ("holder", "HOLDER"),
+    ("waiting", "WAITING"),
+    ("clients", "CLIENTS"),
+    ("bytes_to_device", "TO DEVICE"),
+    ("bytes_from_device", "FROM DEVICE"),
+    ("exchanges", "EXCHANGES"),
+    ("refused", "REFUSED"),
+    ("listen", "LISTEN"),
+)
+
+
+class StatusError(Exception):
+    """The status server could not be read; the message says why."""
+
+
+def fetch(url: str, token: str = "", timeout: float = 10.0) -> list[dict[str, Any]]:
+    """The devices from `url`/api/devices."""
+    request = urllib.request.Request(url.rstrip("/") + "/api/devices")
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return json.load(response)
+    except urllib.error.HTTPError as exc:
+        raise StatusError(f"{url}: HTTP {exc.code} {exc.reason}") from None
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise StatusError(f"cannot reach {url}: {reason}") from None
+    except ValueError as exc:
+        raise StatusError(f"{url}: not a devproxy status server ({exc})") from None
+
+
+def table(devices: list[dict[str, Any]]) -> str:
+    """The devices as aligned text columns."""
+    rows = [[title for _, title in COLUMNS]]
+    for device in devices:
+        row = []
+        for field, _ in COLUMNS:
+            value = device.get(field)
+            row.append(", ".join(value) if isinstance(value, list) else "-" if value is None else str(value))
+        rows.append(row)
+    widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS))]
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in rows
+    )
