@@ -9,6 +9,7 @@ import signal
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import trio
 from loguru import logger
@@ -119,15 +120,25 @@ def check(path: str) -> int:
 
 def run(path: str) -> int:
     """The proxy in the foreground until SIGINT or SIGTERM; 2 when the config or a port is unusable."""
-    from proxy.app import BindError, serve
+    from proxy.app import BindError, Running, serve
 
     settings = _load(path)
     if settings is None:
         return EXIT_CONFIG
     log.setup(settings.proxy)
     logger.info("devproxy starting with {}", path)
+
+    async def reload(running: Running) -> None:
+        try:
+            new_settings = config.load(path)
+        except ConfigError as exc:
+            logger.error("SIGHUP: the new settings are not used, the running ones stay:\n{}", exc)
+            return
+        logger.info("SIGHUP: reloading {}", path)
+        await running.reload(new_settings)
+
     try:
-        _run_until_signal(lambda task_status: serve(settings, task_status=task_status))
+        _run_until_signal(lambda task_status: serve(settings, task_status=task_status), on_hangup=reload)
     except BindError as exc:
         logger.error("{}; nothing was started", exc)
         return EXIT_CONFIG
@@ -186,16 +197,25 @@ def status(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _run_until_signal(start: Callable[..., Awaitable[object]]) -> None:
-    """Runs `start` (a task that reports readiness) until SIGINT or SIGTERM, then cancels it cleanly."""
+def _run_until_signal(
+    start: Callable[..., Awaitable[object]], on_hangup: Callable[[Any], Awaitable[None]] | None = None
+) -> None:
+    """Runs `start` (a task that reports readiness) until SIGINT or SIGTERM, then cancels it cleanly.
+
+    With `on_hangup`, SIGHUP calls it with what `start` reported.
+    """
+    wanted = (signal.SIGINT, signal.SIGTERM, *((signal.SIGHUP,) if on_hangup else ()))
 
     async def main() -> None:
-        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        with trio.open_signal_receiver(*wanted) as signals:
             async with trio.open_nursery() as nursery:
                 ready = await nursery.start(start)
                 if isinstance(ready, str):
                     print(ready, flush=True)
                 async for signum in signals:
+                    if signum == signal.SIGHUP and on_hangup is not None:
+                        await on_hangup(ready)
+                        continue
                     logger.info("{}: closing clients and devices", signal.Signals(signum).name)
                     nursery.cancel_scope.cancel()
                     break
