@@ -71,6 +71,12 @@ def build_parser() -> argparse.ArgumentParser:
     send.add_argument("--address", dest="meter_address", help="energomera-ce: the meter's address; iec61107: its ID")
     send.add_argument("--read", metavar="NAME", help="iec61107: the parameter to read, e.g. VOLTA")
     send.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the whole answer")
+    importer = commands.add_parser("import", help="convert another gateway's configuration to settings.toml")
+    importer.add_argument("kind", choices=("ecrservice",), help="the gateway the file comes from")
+    importer.add_argument("file", type=Path)
+    importer.add_argument("-o", "--output", type=Path, default=Path("settings.toml"), help="default ./settings.toml")
+    importer.add_argument("--force", action="store_true", help="overwrite the output file if it exists")
+
     status = commands.add_parser("status", help="the device table of a running proxy")
     status.add_argument("--url", help="the status server (default: [proxy] status of the config, or 127.0.0.1:8600)")
     status.add_argument("--json", action="store_true", help="print the JSON the API returns")
@@ -89,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
         return simulate(args)
     if args.subcommand == "status":
         return status(args)
+    if args.subcommand == "import":
+        return import_config(args)
     return send(args)
 
 
@@ -170,6 +178,25 @@ def send(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_FAILED
     print("\n".join(lines))
+    return EXIT_OK
+
+
+def import_config(args: argparse.Namespace) -> int:
+    """Writes settings.toml from another gateway's file; lists on stderr what could not be mapped."""
+    from proxy.importers import ImportFailed, import_ecrservice
+
+    if args.output.exists() and not args.force:
+        print(f"error: {args.output} exists; use --force to overwrite it or -o for another file", file=sys.stderr)
+        return EXIT_FAILED
+    try:
+        imported = import_ecrservice(args.file)
+    except ImportFailed as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    args.output.write_text(imported.toml(), encoding="utf-8")
+    print(f"wrote {args.output} with {len(imported.settings['device'])} device(s) from {args.file}")
+    for line in imported.unmapped:
+        print(f"not mapped: {line}", file=sys.stderr)
     return EXIT_OK
 
 
