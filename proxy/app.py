@@ -8,8 +8,10 @@ from loguru import logger
 
 from proxy import log
 from proxy.clients import serve_clients
-from proxy.config import Address, DeviceConfig, Settings
+from proxy.config import Address, DeviceConfig, DialinConfig, Settings
 from proxy.device import Device
+from proxy.dialin.registry import Record, Registry, RegistryError
+from proxy.dialin.server import DialinServer
 from proxy.status.server import StatusServer
 
 
@@ -57,9 +59,11 @@ class _DeviceRun:
 class Running:
     """The proxy as it runs: its devices, the addresses their clients reach, and reload()."""
 
-    def __init__(self, settings: Settings, nursery: trio.Nursery) -> None:
+    def __init__(self, settings: Settings, nursery: trio.Nursery, registry: Registry | None = None) -> None:
         self.settings = settings
+        self.registry = registry
         self.status: Address | None = None
+        self.dialin: list[Address] = []
         self._nursery = nursery
         self._runs: dict[str, _DeviceRun] = {}
 
@@ -75,9 +79,11 @@ class Running:
         """What the status server shows: every running device with the addresses of its ports."""
         return {name: (run.device, run.addresses) for name, run in self._runs.items()}
 
-    async def start_device(self, config: DeviceConfig, listeners: list[trio.SocketListener]) -> None:
-        """Starts a device's supervisor and acceptors; returns once its ports accept clients."""
-        run = _DeviceRun(Device(config), _bound_addresses(listeners))
+    async def start_device(
+        self, config: DeviceConfig, listeners: list[trio.SocketListener], dialin: DialinConfig | None = None
+    ) -> Device:
+        """Starts a device's supervisor and acceptors; returns it once its ports accept clients."""
+        run = _DeviceRun(Device(config, dialin), _bound_addresses(listeners))
         await self._nursery.start(self._run_device, run, listeners)
         self._runs[config.name] = run
         logger.info(
@@ -88,6 +94,42 @@ class Running:
             config.sharing,
             ", ".join(map(str, run.addresses)),
         )
+        return run.device
+
+    async def dialin_device(self, device_id: str, peer: str) -> Device | None:
+        """The Device of a dial-in id: running already, or registered now (autoregister), or None (logged)."""
+        dialin, registry = self.settings.dialin, self.registry
+        if dialin is None or registry is None:
+            return None
+        for device in self.devices.values():
+            if device.dialin is not None and device.config.path == device_id:
+                return device
+        record = await registry.run(registry.get, device_id)
+        if record is None:
+            if not dialin.autoregister:
+                logger.info("dialin: {} ({}) refused: unknown id and autoregister = false", device_id, peer)
+                return None
+            try:
+                record = await registry.run(registry.add, device_id)
+            except RegistryError as exc:
+                logger.error("dialin: {} ({}) not registered: {}", device_id, peer, exc)
+                return None
+            logger.info("dialin: registered {} with direct port {}", device_id, record.direct_port)
+        return await self.start_registered(record)
+
+    async def start_registered(self, record: Record) -> Device | None:
+        """Starts a registered dial-in device, offline until it connects, with its direct port listening."""
+        dialin = self.settings.dialin
+        name = record.name if record.name and record.name not in self._runs else record.id
+        if name in self._runs:
+            name = f"dialin-{record.id}"
+        config = dialin.device_config(record.id, name, record.direct_port)
+        try:
+            listeners = await _bind_device(config)
+        except BindError as exc:
+            logger.error("dialin: {}; {} has no direct port until it is free", exc, record.id)
+            return None
+        return await self.start_device(config, listeners, dialin)
 
     async def _run_device(
         self, run: _DeviceRun, listeners: list[trio.SocketListener], *, task_status: trio.TaskStatus[None]
@@ -122,6 +164,9 @@ class Running:
         handling: a changed device whose new ports cannot be bound is started again as it was, and
         the error is logged; [proxy] changes other than logging need a restart and are logged as such.
         """
+        if settings.dialin != self.settings.dialin:
+            logger.warning("[dialin] changes take effect at the next start")
+            settings = attrs.evolve(settings, dialin=self.settings.dialin)
         old = {device.name: device for device in self.settings.devices}
         new = {device.name: device for device in settings.devices}
         for name in old.keys() - new.keys():
@@ -160,26 +205,54 @@ async def serve(settings: Settings, *, task_status: trio.TaskStatus[Running] = t
     are absent are not errors: their supervisors retry.
     """
     status_listeners: list[trio.SocketListener] = []
+    dialin_listeners: list[trio.SocketListener] = []
     device_listeners: list[tuple[DeviceConfig, list[trio.SocketListener]]] = []
+    registry = None
     try:
         if settings.proxy.status is not None:
             status_listeners = await bind(settings.proxy.status, "[proxy] status")
+        if settings.dialin is not None:
+            for address in settings.dialin.listen:
+                dialin_listeners += await bind(address, "[dialin]")
+            try:
+                registry = Registry(settings.dialin.registry, settings.dialin.direct_ports)
+            except RegistryError as exc:
+                raise BindError(str(exc)) from None
         for config in settings.devices:
             device_listeners.append((config, await _bind_device(config)))
     except BaseException:
-        await _close(status_listeners)
+        await _close(status_listeners + dialin_listeners)
         for _, listeners in device_listeners:
             await _close(listeners)
         raise
-    async with trio.open_nursery() as nursery:
-        running = Running(settings, nursery)
-        if status_listeners:
-            status = StatusServer(running.devices_and_addresses, settings.proxy.status_token)
-            await nursery.start(status.serve, status_listeners)
-            running.status = _bound_addresses(status_listeners)[0]
-            logger.info("status page on http://{}/", running.status)
-        for config, listeners in device_listeners:
-            await running.start_device(config, listeners)
-        task_status.started(running)
-        # The nursery stays open for the devices a reload starts.
-        await trio.sleep_forever()
+    try:
+        async with trio.open_nursery() as nursery:
+            running = Running(settings, nursery, registry)
+            if status_listeners:
+                status = StatusServer(running.devices_and_addresses, settings.proxy.status_token)
+                await nursery.start(status.serve, status_listeners)
+                running.status = _bound_addresses(status_listeners)[0]
+                logger.info("status page on http://{}/", running.status)
+            for config, listeners in device_listeners:
+                await running.start_device(config, listeners)
+            if registry is not None:
+                records = await registry.run(registry.all)
+                for record in records:
+                    await running.start_registered(record)
+                server = DialinServer(
+                    settings.dialin,
+                    registry,
+                    running.dialin_device,
+                    lambda: [d for d in running.devices.values() if d.dialin is not None],
+                )
+                await nursery.start(server.serve, dialin_listeners)
+                running.dialin = _bound_addresses(dialin_listeners)
+                logger.info(
+                    "dialin: devices connect on {}; {} registered", ", ".join(map(str, running.dialin)), len(records)
+                )
+            task_status.started(running)
+            # The nursery stays open for the devices a reload starts.
+            await trio.sleep_forever()
+    finally:
+        if registry is not None:
+            registry.close()

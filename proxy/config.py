@@ -111,7 +111,71 @@ class DeviceConfig:
         """Where the device is, for log lines: the serial path, the TCP peer, or the simulated protocol."""
         if self.type == "simulator":
             return f"simulated {self.protocol} device"
+        if self.type == "dialin":
+            return f"dial-in device {self.path}"
         return self.path
+
+
+IDENTIFY_METHODS = ("line", "regex", "fixed", "iec61107")
+# The [[device]] keys that [dialin] takes too, applied to every dial-in device.
+DIALIN_SHARING_KEYS = (
+    "acquire_timeout",
+    "busy_reply",
+    "response_timeout",
+    "exchange_timeout",
+    "frame_gap",
+    "idle_timeout",
+    "max_clients",
+    "allow",
+)
+
+
+@attrs.define(frozen=True)
+class DialinConfig:
+    """The [dialin] table: devices with no fixed address that connect in and say who they are."""
+
+    listen: tuple[Address, ...] = (Address("0.0.0.0", 11001),)
+    identify: str = "line"
+    identify_pattern: str = ""
+    identify_length: int = 0
+    identify_timeout: float = 30.0
+    autoregister: bool = True
+    registry: str = "devproxy.sqlite3"
+    direct_ports: tuple[int, int] = (7500, 7999)
+    protocol: str = "raw"
+    sharing: str = "session"
+    idle_after: float = 60.0
+    disconnect_after: float = 3600.0
+    ping_after: float = 120.0
+    ping_bytes: bytes = b""
+    max_devices: int = 65000
+    acquire_timeout: float = 5.0
+    busy_reply: bytes | str = b""
+    response_timeout: float = 5.0
+    exchange_timeout: float = 30.0
+    frame_gap: float = 0.05
+    idle_timeout: float = 0.0
+    max_clients: int = 32
+    allow: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+
+    @property
+    def direct_host(self) -> str:
+        """Direct ports listen on the host of the first dial-in address."""
+        return self.listen[0].host if self.listen else "0.0.0.0"
+
+    def device_config(self, device_id: str, name: str, port: int) -> DeviceConfig:
+        """The [[device]] settings of one registered dial-in device."""
+        shared = {key: getattr(self, key) for key in DIALIN_SHARING_KEYS}
+        return DeviceConfig(
+            name=name,
+            type="dialin",
+            path=device_id,
+            protocol=self.protocol,
+            sharing=self.sharing,
+            listen=(Address(self.direct_host, port),),
+            reconnect_interval=0.0,
+            **shared,
+        )
 
 
 @attrs.define(frozen=True)
@@ -121,6 +185,7 @@ class Settings:
     proxy: ProxyConfig = ProxyConfig()
     devices: tuple[DeviceConfig, ...] = ()
     source: str = "<defaults>"
+    dialin: DialinConfig | None = None
 
 
 class _Problems:
@@ -314,12 +379,80 @@ def _check_device(table: _Table, config: DeviceConfig) -> None:
         table.fail("busy_reply", "'auto' answers a refused request, so it needs sharing = 'exchange'")
 
 
+def _dialin_table(raw: dict[str, Any], problems: _Problems) -> DialinConfig:
+    table = _Table("[dialin]", raw, problems)
+    table.unknown_keys(attrs.fields_dict(DialinConfig))
+    table.take("listen", lambda v: isinstance(v, list), 'a list of "HOST:PORT"', _list_of(parse_address))
+    table.string("identify", IDENTIFY_METHODS)
+    table.take("identify_pattern", lambda v: isinstance(v, str), "a regular expression", _check_pattern)
+    table.integer("identify_length", 0, 1024)
+    table.seconds("identify_timeout", positive=True)
+    table.boolean("autoregister")
+    table.take("registry", lambda v: isinstance(v, str) and v != "", "a file path", str)
+    table.take("direct_ports", lambda v: isinstance(v, str), 'a range such as "7500-7999"', _parse_port_range)
+    table.string("protocol", PROTOCOLS)
+    table.string("sharing", SHARING_MODES)
+    table.seconds("idle_after", positive=True)
+    table.seconds("disconnect_after", positive=True)
+    table.seconds("ping_after", positive=False)
+    table.take("ping_bytes", lambda v: isinstance(v, str), "hex bytes", _parse_hex)
+    table.integer("max_devices", 1)
+    table.seconds("acquire_timeout", positive=False)
+    table.take("busy_reply", lambda v: isinstance(v, str), "hex bytes", _parse_busy_reply)
+    table.seconds("response_timeout", positive=True)
+    table.seconds("exchange_timeout", positive=True)
+    table.seconds("frame_gap", positive=True)
+    table.seconds("idle_timeout", positive=False)
+    table.integer("max_clients", 1)
+    table.take("allow", lambda v: isinstance(v, list), "a list of networks", _list_of(_parse_network))
+    config = DialinConfig(**table.values)
+    if not config.listen:
+        table.fail("listen", "is empty: no device could connect")
+    if config.identify == "regex" and not config.identify_pattern:
+        table.fail("identify_pattern", "is missing: identify = 'regex' needs a pattern with a group for the id")
+    if config.identify == "fixed" and config.identify_length == 0:
+        table.fail("identify_length", "is 0: identify = 'fixed' needs the number of bytes that form the id")
+    if config.ping_after and not config.ping_bytes:
+        table.fail("ping_bytes", f"is empty but ping_after = {config.ping_after:g}; set ping_after = 0 for no ping")
+    if config.busy_reply == AUTO and config.sharing != "exchange":
+        table.fail("busy_reply", "'auto' answers a refused request, so it needs sharing = 'exchange'")
+    return config
+
+
+def _check_pattern(value: str) -> str:
+    try:
+        compiled = re.compile(value.encode("latin-1"))
+    except (re.error, UnicodeEncodeError) as exc:
+        raise ValueError(f"{value!r} is not a regular expression: {exc}") from None
+    if value and compiled.groups < 1:
+        raise ValueError(f"{value!r} has no group: group 1 must capture the device id")
+    return value
+
+
+def _parse_port_range(value: str) -> tuple[int, int]:
+    match = re.fullmatch(r"\s*(\d+)\s*-\s*(\d+)\s*", value)
+    if not match or not 1 <= int(match.group(1)) <= int(match.group(2)) <= 65535:
+        raise ValueError(f'{value!r} is not a port range such as "7500-7999"')
+    return int(match.group(1)), int(match.group(2))
+
+
 def _check_clashes(settings: Settings, problems: _Problems) -> None:
     """Names and listening addresses must be unique across the whole file."""
     seen_names: set[str] = set()
     bound: list[tuple[str, Address]] = []
     if settings.proxy.status is not None:
         bound.append(("[proxy] status", settings.proxy.status))
+    dialin = settings.dialin
+    if dialin is not None:
+        for address in dialin.listen:
+            for owner, other in bound:
+                if address.overlaps(other):
+                    problems.add("[dialin]", f"listen {str(address)!r} clashes with {str(other)!r} of {owner}")
+            bound.append(("[dialin] listen", address))
+        low, high = dialin.direct_ports
+        for owner, other in list(bound):
+            if low <= other.port <= high:
+                problems.add("[dialin]", f"direct_ports {low}-{high} holds port {other.port} of {owner}")
     for device in settings.devices:
         where = f"device {device.name!r}"
         if device.name in seen_names:
@@ -329,14 +462,22 @@ def _check_clashes(settings: Settings, problems: _Problems) -> None:
             for owner, other in bound:
                 if address.overlaps(other):
                     problems.add(where, f"listen {str(address)!r} clashes with {str(other)!r} of {owner}")
+            if dialin is not None and dialin.direct_ports[0] <= address.port <= dialin.direct_ports[1]:
+                problems.add(where, f"listen {str(address)!r} is in [dialin] direct_ports")
             bound.append((f"{where} listen", address))
 
 
 def parse(raw: dict[str, Any], source: str = "<string>") -> Settings:
     """Turns a decoded TOML document into Settings, or raises ConfigError with every problem found."""
     problems = _Problems()
-    for key in sorted(set(raw) - {"proxy", "device"}):
+    for key in sorted(set(raw) - {"proxy", "device", "dialin"}):
         problems.add(source, f"unknown table or key [{key}]")
+    dialin = None
+    if "dialin" in raw:
+        if isinstance(raw["dialin"], dict):
+            dialin = _dialin_table(raw["dialin"], problems)
+        else:
+            problems.add("[dialin]", "must be a table")
     proxy_raw = raw.get("proxy", {})
     proxy = ProxyConfig()
     if isinstance(proxy_raw, dict):
@@ -352,7 +493,7 @@ def parse(raw: dict[str, Any], source: str = "<string>") -> Settings:
             device = _device_table(index, table, problems)
             if device is not None:
                 devices.append(device)
-    settings = Settings(proxy, tuple(devices), source)
+    settings = Settings(proxy, tuple(devices), source, dialin)
     _check_clashes(settings, problems)
     if problems.items:
         raise ConfigError(source, problems.items)

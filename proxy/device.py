@@ -15,10 +15,12 @@ import trio
 from loguru import logger
 
 from proxy import log, wire
-from proxy.config import DeviceConfig
+from proxy.config import DeviceConfig, DialinConfig
 from proxy.links import LinkError, discard_input, open_link
 
 READ_SIZE = 65536
+# What a newly connected dial-in device may send before the first client takes it, kept for that client.
+HELD_LIMIT = 65536
 BROKEN = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 
 Sink = Callable[[bytes], Awaitable[None]]
@@ -78,6 +80,15 @@ class Counters:
     link_losses: int = 0
     last_connect: datetime | None = None
     last_disconnect: datetime | None = None
+
+
+@attrs.define(eq=False)
+class Handover:
+    """A dial-in connection on its way from the dial-in server to its device."""
+
+    link: trio.abc.Stream
+    first: bytes
+    done: trio.Event = attrs.field(factory=trio.Event)
 
 
 class Lease:
@@ -144,8 +155,16 @@ class Device:
     begins is discarded, so nothing meant for one client reaches another.
     """
 
-    def __init__(self, config: DeviceConfig) -> None:
+    def __init__(self, config: DeviceConfig, dialin: DialinConfig | None = None) -> None:
         self.config = config
+        # Dial-in devices: their links are handed in by the dial-in server (attach()), not opened.
+        self.dialin = dialin
+        self._handover: Handover | None = None
+        self._handover_ready = trio.Event()
+        # Until the first lease on a newly connected dial-in device, what it sends is kept for it.
+        self._fresh = False
+        self._held = bytearray()
+        self._last_received = 0.0
         self.name = config.name
         self.state = State.OFFLINE
         self.counters = Counters()
@@ -178,6 +197,9 @@ class Device:
         reconnect_interval seconds; 0 means never retry. Nothing here raises to the caller.
         """
         self.tracing = log.tracing()
+        if self.dialin is not None:
+            await self._run_dialin(task_status)
+            return
         async with trio.open_nursery() as nursery:
             task_status.started()
             while True:
@@ -198,6 +220,43 @@ class Device:
                 if not self.config.release_port:
                     await trio.sleep_forever()
                 self._demand = trio.Event()
+
+    async def _run_dialin(self, task_status: trio.TaskStatus[None]) -> None:
+        """A dial-in device: serves each connection the dial-in server hands in, until the next one."""
+        task_status.started()
+        try:
+            while True:
+                await self._handover_ready.wait()
+                self._handover_ready = trio.Event()
+                handover, self._handover = self._handover, None
+                if handover is None:
+                    continue
+                self.counters.link_opens += 1
+                self.counters.last_connect = datetime.now(UTC)
+                try:
+                    lost = await self._serve_link(handover.link, handover.first)
+                finally:
+                    handover.done.set()
+                self._set_state(State.OFFLINE, f"disconnected ({lost or 'closed'})")
+        finally:
+            if self._handover is not None:
+                self._handover.done.set()
+
+    async def attach(self, link: trio.abc.Stream, first: bytes, peer: str) -> None:
+        """A dial-in device connected on `link`; `first` is what it sent after its id.
+
+        Returns when the device is done with the link (lost, replaced, or the device stopped); the
+        caller then closes it. A connection already open for the same device is closed (its holder
+        disconnected), so that the newest one serves.
+        """
+        handover = Handover(link, first)
+        if self._handover is not None:
+            self._handover.done.set()
+        self._handover = handover
+        self._handover_ready.set()
+        if self._link is not None:
+            self.reset_link(f"replaced by a new connection from {peer}")
+        await handover.done.wait()
 
     async def _open(self, nursery: trio.Nursery) -> trio.abc.Stream | None:
         self._set_state(State.CONNECTING)
@@ -223,9 +282,11 @@ class Device:
             return f"retrying in {self.config.reconnect_interval:g} s while a client waits"
         return f"retrying in {self.config.reconnect_interval:g} s"
 
-    async def _serve_link(self, link: trio.abc.Stream) -> str | None:
+    async def _serve_link(self, link: trio.abc.Stream, first: bytes = b"") -> str | None:
         """Reads the link until it is lost (returns why) or closed on purpose (returns None)."""
         self._link = link
+        self._fresh, self._held = self.dialin is not None, bytearray(first)
+        self._last_received = trio.current_time()
         self._link_scope = scope = trio.CancelScope()
         self._link_close_reason = None
         # With release_port an open per client is routine, not news.
@@ -235,7 +296,13 @@ class Device:
         lost: str | None = None
         try:
             with scope:
-                lost = await self._read(link)
+                if self.dialin is None:
+                    lost = await self._read(link)
+                else:
+                    async with trio.open_nursery() as watch:
+                        watch.start_soon(self._watch_silence, link, self.dialin)
+                        lost = await self._read(link)
+                        watch.cancel_scope.cancel()
         finally:
             self._link = None
             self._link_scope = None
@@ -263,7 +330,11 @@ class Device:
             if not data:
                 return "end of file"
             counters.bytes_from_device += len(data)
+            self._last_received = trio.current_time()
             lease = self.holder
+            if lease is None and self._fresh and len(self._held) + len(data) <= HELD_LIMIT:
+                self._held += data
+                continue
             if lease is None:
                 counters.unsolicited_bytes += len(data)
                 self._notify()
@@ -277,6 +348,36 @@ class Device:
             if self.tracing:
                 logger.trace("{}: device -> {}: {}", self.name, lease.client, log.hexdump(data))
             await lease._deliver(data)
+
+    async def _watch_silence(self, link: trio.abc.Stream, dialin: DialinConfig) -> None:
+        """A dial-in device's silence: a ping after ping_after (when nobody holds it), closed after disconnect_after."""
+        pinged_at = idle_logged_at = -1.0
+        while True:
+            quiet_since = self._last_received
+            now = trio.current_time()
+            silent = now - quiet_since
+            if silent >= dialin.disconnect_after:
+                self.reset_link(f"silent for disconnect_after = {dialin.disconnect_after:g} s")
+                return
+            if silent >= dialin.idle_after and idle_logged_at != quiet_since:
+                idle_logged_at = quiet_since
+                logger.debug("{}: idle (silent for {:.0f} s)", self.name, silent)
+            if dialin.ping_after and silent >= dialin.ping_after and pinged_at != quiet_since and self.holder is None:
+                pinged_at = quiet_since
+                try:
+                    await wire.send_all(link, wire.fileno(link), dialin.ping_bytes)
+                except BROKEN as exc:
+                    self.reset_link(f"ping failed: {exc}")
+                    return
+                self.counters.bytes_to_device += len(dialin.ping_bytes)
+                logger.debug("{}: silent for {:.0f} s; ping sent", self.name, silent)
+            deadlines = [quiet_since + dialin.disconnect_after]
+            if dialin.ping_after and pinged_at != quiet_since:
+                deadlines.append(quiet_since + dialin.ping_after)
+            if idle_logged_at != quiet_since:
+                deadlines.append(quiet_since + dialin.idle_after)
+            # Wake at the next deadline, or soon after traffic moved it (checked again then).
+            await trio.sleep_until(min(max(d, now + 0.01) for d in deadlines))
 
     def reset_link(self, reason: str) -> None:
         """Closes the link as failed, so a late answer cannot reach the next client; it is reopened."""
@@ -354,9 +455,11 @@ class Device:
             except Refused:
                 self.counters.lock_wait_seconds.observe(trio.current_time() - started)
                 raise
+        if self._fresh:
+            await self._hand_over_held(lease)
         self.holder = lease
         lease._link = self._link
-        lease._link_fd = wire.fileno(self._link)
+        lease._link_fd = wire.fileno(self._link) if self._link is not None else -1
         lease.last_activity = trio.current_time()
         self.counters.leases_granted += 1
         self._set_state(State.BUSY)
@@ -415,7 +518,17 @@ class Device:
         self._discard_stale(link)
         return True
 
+    async def _hand_over_held(self, lease: Lease) -> None:
+        """The first lease on a new dial-in connection gets what the device sent before anyone held it."""
+        while self._held:
+            held, self._held = bytes(self._held), bytearray()
+            await lease._deliver(held)
+        # No checkpoint from here to the lease's start: the reader cannot slip a chunk in between.
+        self._fresh = False
+
     def _discard_stale(self, link: trio.abc.Stream) -> None:
+        if self._fresh:
+            return
         # The reader decides whose bytes are whose the moment they leave the kernel (wire.reader has
         # no scheduling point after its read), so what is still in the kernel now is stale.
         dropped = discard_input(link)

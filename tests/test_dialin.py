@@ -1,0 +1,206 @@
+"""Dial-in devices: a simulated GPRS modem connects, says its id, and answers like a meter."""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import sqlite3
+
+import pytest
+import trio
+
+from proxy.config import parse
+from proxy.device import State
+from proxy.dialin.identify import IdentifyFailed, parse_id
+
+from helpers import WAIT_LIMIT, receive_exactly, receive_until_closed, running_proxy
+
+# Direct ports below Linux's ephemeral range, a block per test, so no test waits on another's sockets.
+PORT_BLOCKS = itertools.count(21000 + (os.getpid() % 200) * 40, 20)
+
+
+def dialin_settings(tmp_path, **keys):
+    low = next(PORT_BLOCKS)
+    table = {
+        "listen": ["127.0.0.1:0"],
+        "registry": str(tmp_path / "registry.sqlite3"),
+        "direct_ports": f"{low}-{low + 9}",
+        "identify_timeout": 5,
+        "ping_after": 0,
+        **keys,
+    }
+    return parse({"proxy": {"status": ""}, "dialin": table})
+
+
+async def modem(running, identity: bytes) -> trio.SocketStream:
+    """A GPRS modem: connects to the dial-in port and sends its id packet."""
+    address = running.dialin[0]
+    stream = await trio.open_tcp_stream(address.host, address.port)
+    await stream.send_all(identity)
+    return stream
+
+
+async def meter(stream: trio.SocketStream) -> None:
+    """Answers each request with ANS: and the request, as a meter behind the modem would."""
+    with trio.move_on_after(WAIT_LIMIT), contextlib.suppress(trio.ClosedResourceError, trio.BrokenResourceError):
+        while data := await stream.receive_some():
+            await stream.send_all(b"ANS:" + data)
+
+
+async def device_named(running, device_id: str):
+    with trio.fail_after(WAIT_LIMIT):
+        while True:
+            for device in running.devices.values():
+                if device.config.path == device_id and device.dialin is not None:
+                    return device
+            await trio.sleep(0.005)
+
+
+async def direct_client(device) -> trio.SocketStream:
+    address = device.config.listen[0]
+    return await trio.open_tcp_stream("127.0.0.1", address.port)
+
+
+async def online(device) -> None:
+    with trio.fail_after(WAIT_LIMIT):
+        while device.state not in (State.IDLE, State.BUSY):
+            await device.changed()
+
+
+async def test_a_modem_registers_gets_a_direct_port_and_a_client_talks_to_its_meter(tmp_path):
+    settings = dialin_settings(tmp_path)
+    async with running_proxy(settings) as running, trio.open_nursery() as nursery:
+        link = await modem(running, b"METER0001\r\n")
+        nursery.start_soon(meter, link)
+        device = await device_named(running, "METER0001")
+        await online(device)
+        assert device.config.listen[0].port == settings.dialin.direct_ports[0]
+        async with await direct_client(device) as client:
+            await client.send_all(b"read energy")
+            assert await receive_exactly(client, 15) == b"ANS:read energy"
+        await link.aclose()
+
+
+async def test_bytes_after_the_id_reach_the_first_client(tmp_path):
+    settings = dialin_settings(tmp_path)
+    async with running_proxy(settings) as running:
+        link = await modem(running, b"METER0002\nHELLO FROM METER")
+        device = await device_named(running, "METER0002")
+        await online(device)
+        async with await direct_client(device) as client:
+            assert await receive_exactly(client, 16) == b"HELLO FROM METER"
+        await link.aclose()
+
+
+async def test_the_same_id_gets_the_same_port_after_a_restart(tmp_path):
+    settings = dialin_settings(tmp_path)
+    ports = []
+    for _ in range(2):
+        async with running_proxy(settings) as running:
+            for identity in (b"A-1\n", b"B-2\n"):
+                link = await modem(running, identity)
+                device = await device_named(running, identity.strip().decode())
+                await online(device)
+                await link.aclose()
+            ports.append({d.config.path: d.config.listen[0].port for d in running.devices.values()})
+    assert ports[0] == ports[1] == {"A-1": settings.dialin.direct_ports[0], "B-2": settings.dialin.direct_ports[0] + 1}
+
+
+async def test_a_registered_device_listens_while_offline_and_refuses_after_acquire_timeout(tmp_path):
+    settings = dialin_settings(tmp_path, acquire_timeout=0.05, busy_reply="ee")
+    async with running_proxy(settings) as running:
+        link = await modem(running, b"OFFLINE1\n")
+        device = await device_named(running, "OFFLINE1")
+        await online(device)
+        await link.aclose()
+        with trio.fail_after(WAIT_LIMIT):
+            while device.state != State.OFFLINE:
+                await device.changed()
+        async with await direct_client(device) as client:
+            assert await receive_until_closed(client) == b"\xee"
+        assert device.counters.refused["offline"] == 1
+
+
+async def test_a_second_connection_with_the_same_id_replaces_the_first(tmp_path):
+    settings = dialin_settings(tmp_path, acquire_timeout=10)
+    async with running_proxy(settings) as running, trio.open_nursery() as nursery:
+        first = await modem(running, b"TWICE\n")
+        device = await device_named(running, "TWICE")
+        await online(device)
+        second = await modem(running, b"TWICE\n")
+        assert await receive_until_closed(first) == b""
+        await first.aclose()
+        nursery.start_soon(meter, second)
+        async with await direct_client(device) as client:
+            await client.send_all(b"who")
+            assert await receive_exactly(client, 7) == b"ANS:who"
+        assert device.counters.link_opens == 2
+        await second.aclose()
+
+
+async def test_a_device_that_says_nothing_is_closed_after_identify_timeout(tmp_path, log_lines):
+    settings = dialin_settings(tmp_path, identify_timeout=0.1)
+    async with running_proxy(settings) as running, await modem(running, b"") as silent:
+        assert await receive_until_closed(silent) == b""
+    assert any("did not identify within identify_timeout = 0.1 s" in line for line in log_lines)
+
+
+async def test_an_unknown_id_is_refused_when_autoregister_is_off(tmp_path, log_lines):
+    settings = dialin_settings(tmp_path, autoregister=False)
+    async with running_proxy(settings) as running:
+        async with await modem(running, b"STRANGER\n") as stranger:
+            assert await receive_until_closed(stranger) == b""
+        assert not running.devices
+    assert any("STRANGER" in line and "autoregister = false" in line for line in log_lines)
+    rows = sqlite3.connect(settings.dialin.registry).execute("SELECT COUNT(*) FROM devices").fetchone()
+    assert rows == (0,)
+
+
+async def test_a_silent_device_is_pinged_then_closed(tmp_path):
+    settings = dialin_settings(tmp_path, ping_after=0.1, ping_bytes="50494e47", disconnect_after=0.3)
+    async with running_proxy(settings) as running:
+        link = await modem(running, b"QUIET\n")
+        device = await device_named(running, "QUIET")
+        assert await receive_exactly(link, 4) == b"PING"
+        assert await receive_until_closed(link) == b""
+        await link.aclose()
+        with trio.fail_after(WAIT_LIMIT):
+            while device.state != State.OFFLINE:
+                await device.changed()
+
+
+async def test_a_full_port_range_refuses_only_the_device_that_does_not_fit(tmp_path, log_lines):
+    low = next(PORT_BLOCKS)
+    settings = dialin_settings(tmp_path, direct_ports=f"{low}-{low}")
+    async with running_proxy(settings) as running:
+        first = await modem(running, b"FITS\n")
+        await online(await device_named(running, "FITS"))
+        async with await modem(running, b"LATE\n") as late:
+            assert await receive_until_closed(late) == b""
+        assert [d.config.path for d in running.devices.values()] == ["FITS"]
+        await first.aclose()
+    assert any(f"direct_ports {low}-{low} are all taken; LATE gets no port" in line for line in log_lines)
+
+
+@pytest.mark.parametrize(
+    ("keys", "data", "expected"),
+    [
+        ({"identify": "line"}, b"  ID42 \r\nrest", ("ID42", b"rest")),
+        ({"identify": "regex", "identify_pattern": r"IMEI:(\d+);"}, b"xxIMEI:351234;yy", ("351234", b"yy")),
+        ({"identify": "fixed", "identify_length": 4}, b"ABCDrest", ("ABCD", b"rest")),
+        ({"identify": "fixed", "identify_length": 2}, b"\x01\x02rest", ("0102", b"rest")),
+        ({"identify": "iec61107"}, b"/EKT5CE308 SN0123456789\r\nX", ("0123456789", b"X")),
+        ({"identify": "iec61107"}, b"/EKT5CE301v12\r\n", ("CE301v12", b"")),
+    ],
+)
+def test_each_identify_method_finds_the_id_and_keeps_the_rest(tmp_path, keys, data, expected):
+    config = dialin_settings(tmp_path, **keys).dialin
+    assert parse_id(config, data[:1]) is None or (keys.get("identify") == "fixed" and len(data) < 2)
+    assert parse_id(config, data) == expected
+
+
+def test_a_line_that_is_no_id_fails_with_what_was_sent(tmp_path):
+    config = dialin_settings(tmp_path).dialin
+    with pytest.raises(IdentifyFailed, match="no device id"):
+        parse_id(config, b"two words\n")
