@@ -77,6 +77,20 @@ def build_parser() -> argparse.ArgumentParser:
     importer.add_argument("-o", "--output", type=Path, default=Path("settings.toml"), help="default ./settings.toml")
     importer.add_argument("--force", action="store_true", help="overwrite the output file if it exists")
 
+    devices = commands.add_parser("devices", help="the registry of dial-in devices")
+    devices.add_argument("-c", "--config", default=None, help="settings file with the [dialin] table")
+    actions = devices.add_subparsers(dest="action", required=True, metavar="ACTION")
+    listing = actions.add_parser("list", help="every registered device")
+    listing.add_argument("--json", action="store_true")
+    add = actions.add_parser("add", help="register a device")
+    add.add_argument("id")
+    add.add_argument("--port", type=int, help="its direct port (default: the lowest free one)")
+    add.add_argument("--name", default="", help="a name for the status page")
+    remove = actions.add_parser("remove", help="forget a device")
+    remove.add_argument("id")
+    from_export = actions.add_parser("import", help="register the devices of a CE NetConnection export (CSV or XLSX)")
+    from_export.add_argument("file", type=Path)
+
     status = commands.add_parser("status", help="the device table of a running proxy")
     status.add_argument("--url", help="the status server (default: [proxy] status of the config, or 127.0.0.1:8600)")
     status.add_argument("--json", action="store_true", help="print the JSON the API returns")
@@ -97,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
         return status(args)
     if args.subcommand == "import":
         return import_config(args)
+    if args.subcommand == "devices":
+        return devices(args)
     return send(args)
 
 
@@ -178,6 +194,50 @@ def send(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_FAILED
     print("\n".join(lines))
+    return EXIT_OK
+
+
+def devices(args: argparse.Namespace) -> int:
+    """The registry of dial-in devices: list, add, remove, import; exit 1 with the reason on failure."""
+    from proxy.dialin import devices as registry_commands
+    from proxy.dialin.registry import Registry, RegistryError
+
+    settings = _load(args.config or default_config_path())
+    if settings is None:
+        return EXIT_CONFIG
+    if settings.dialin is None:
+        print(f"error: {settings.source} has no [dialin] table: there is no registry", file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        registry = Registry(settings.dialin.registry, settings.dialin.direct_ports)
+    except RegistryError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    try:
+        if args.action == "list":
+            records = registry.all()
+            rows = [registry_commands.as_row(record) for record in records]
+            print(json.dumps(rows, indent=1) if args.json else registry_commands.table(records))
+        elif args.action == "add":
+            record = registry.add(args.id, args.port, args.name)
+            print(f"added {record.id} with direct port {record.direct_port}")
+        elif args.action == "remove":
+            if not registry.remove(args.id):
+                print(f"error: {args.id} is not registered", file=sys.stderr)
+                return EXIT_FAILED
+            print(f"removed {args.id}")
+        else:
+            added, skipped = registry_commands.import_export(registry, args.file)
+            for line in added:
+                print(f"added {line}")
+            for line in skipped:
+                print(f"skipped {line}")
+            print(f"{len(added)} added, {len(skipped)} skipped")
+    except (RegistryError, registry_commands.ImportFailed) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    finally:
+        registry.close()
     return EXIT_OK
 
 
