@@ -64,6 +64,7 @@ class Running:
         self.registry = registry
         self.status: Address | None = None
         self.dialin: list[Address] = []
+        self._dialin_devices: dict[str, Device] = {}
         self._nursery = nursery
         self._runs: dict[str, _DeviceRun] = {}
 
@@ -101,19 +102,18 @@ class Running:
         dialin, registry = self.settings.dialin, self.registry
         if dialin is None or registry is None:
             return None
-        for device in self.devices.values():
-            if device.dialin is not None and device.config.path == device_id:
-                return device
-        record = await registry.run(registry.get, device_id)
+        running = self._dialin_devices.get(device_id)
+        if running is not None:
+            return running
+        try:
+            record, created = await registry.run(registry.find_or_add, device_id, dialin.autoregister)
+        except RegistryError as exc:
+            logger.error("dialin: {} ({}) not registered: {}", device_id, peer, exc)
+            return None
         if record is None:
-            if not dialin.autoregister:
-                logger.info("dialin: {} ({}) refused: unknown id and autoregister = false", device_id, peer)
-                return None
-            try:
-                record = await registry.run(registry.add, device_id)
-            except RegistryError as exc:
-                logger.error("dialin: {} ({}) not registered: {}", device_id, peer, exc)
-                return None
+            logger.info("dialin: {} ({}) refused: unknown id and autoregister = false", device_id, peer)
+            return None
+        if created:
             logger.info("dialin: registered {} with direct port {}", device_id, record.direct_port)
         return await self.start_registered(record)
 
@@ -129,7 +129,9 @@ class Running:
         except BindError as exc:
             logger.error("dialin: {}; {} has no direct port until it is free", exc, record.id)
             return None
-        return await self.start_device(config, listeners, dialin)
+        device = await self.start_device(config, listeners, dialin)
+        self._dialin_devices[record.id] = device
+        return device
 
     async def _run_device(
         self, run: _DeviceRun, listeners: list[trio.SocketListener], *, task_status: trio.TaskStatus[None]
@@ -137,9 +139,10 @@ class Running:
         try:
             with run.scope:
                 async with trio.open_nursery() as nursery:
-                    await nursery.start(run.device.run)
                     await nursery.start(serve_clients, run.device, listeners)
                     task_status.started()
+                    # In this task: thousands of dial-in devices make every task a device costs count.
+                    await run.device.run()
         finally:
             with trio.CancelScope(shield=True):
                 await _close(listeners)

@@ -8,7 +8,7 @@ from functools import partial
 import trio
 from loguru import logger
 
-from proxy import wire
+from proxy import accept, wire
 from proxy.device import BROKEN, READ_SIZE, Device, Lease, LinkLost, Refused
 from proxy.exchanges import ClientGone, ExchangeClient
 
@@ -30,10 +30,10 @@ async def serve_clients(
 ) -> None:
     """Accepts clients of `device` on `listeners` until cancelled.
 
-    Error handling: trio.serve_listeners sleeps and retries on EMFILE and the like; one client's failure
-    is logged and never reaches another client or the device.
+    Error handling: the accept loop pauses and retries on EMFILE and the like; one client's failure is
+    logged and never reaches another client or the device.
     """
-    await trio.serve_listeners(partial(handle_client, device), listeners, task_status=task_status)
+    await accept.serve_listeners(partial(handle_client, device), listeners, task_status=task_status)
 
 
 async def handle_client(device: Device, stream: trio.SocketStream) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import bisect
 import enum
 import math
+import os
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -88,7 +89,7 @@ class Handover:
 
     link: trio.abc.Stream
     first: bytes
-    done: trio.Event = attrs.field(factory=trio.Event)
+    on_done: Callable[[], None]
 
 
 class Lease:
@@ -165,6 +166,7 @@ class Device:
         self._fresh = False
         self._held = bytearray()
         self._last_received = 0.0
+        self._pinged = self._idle_logged = -1.0
         self.name = config.name
         self.state = State.OFFLINE
         self.counters = Counters()
@@ -236,27 +238,28 @@ class Device:
                 try:
                     lost = await self._serve_link(handover.link, handover.first)
                 finally:
-                    handover.done.set()
+                    handover.on_done()
                 self._set_state(State.OFFLINE, f"disconnected ({lost or 'closed'})")
         finally:
             if self._handover is not None:
-                self._handover.done.set()
+                with trio.CancelScope(shield=True):
+                    await trio.aclose_forcefully(self._handover.link)
+                self._handover.on_done()
 
-    async def attach(self, link: trio.abc.Stream, first: bytes, peer: str) -> None:
+    async def attach(self, link: trio.abc.Stream, first: bytes, peer: str, on_done: Callable[[], None]) -> None:
         """A dial-in device connected on `link`; `first` is what it sent after its id.
 
-        Returns when the device is done with the link (lost, replaced, or the device stopped); the
-        caller then closes it. A connection already open for the same device is closed (its holder
-        disconnected), so that the newest one serves.
+        Resource handling: the device owns `link` from now on and closes it when it is lost, replaced
+        or the device stops; then it calls on_done(). A connection already open for the same device is
+        closed (its holder disconnected), so that the newest one serves.
         """
-        handover = Handover(link, first)
-        if self._handover is not None:
-            self._handover.done.set()
-        self._handover = handover
+        superseded, self._handover = self._handover, Handover(link, first, on_done)
         self._handover_ready.set()
+        if superseded is not None:
+            await trio.aclose_forcefully(superseded.link)
+            superseded.on_done()
         if self._link is not None:
             self.reset_link(f"replaced by a new connection from {peer}")
-        await handover.done.wait()
 
     async def _open(self, nursery: trio.Nursery) -> trio.abc.Stream | None:
         self._set_state(State.CONNECTING)
@@ -296,13 +299,7 @@ class Device:
         lost: str | None = None
         try:
             with scope:
-                if self.dialin is None:
-                    lost = await self._read(link)
-                else:
-                    async with trio.open_nursery() as watch:
-                        watch.start_soon(self._watch_silence, link, self.dialin)
-                        lost = await self._read(link)
-                        watch.cancel_scope.cancel()
+                lost = await self._read(link)
         finally:
             self._link = None
             self._link_scope = None
@@ -349,35 +346,31 @@ class Device:
                 logger.trace("{}: device -> {}: {}", self.name, lease.client, log.hexdump(data))
             await lease._deliver(data)
 
-    async def _watch_silence(self, link: trio.abc.Stream, dialin: DialinConfig) -> None:
-        """A dial-in device's silence: a ping after ping_after (when nobody holds it), closed after disconnect_after."""
-        pinged_at = idle_logged_at = -1.0
-        while True:
-            quiet_since = self._last_received
-            now = trio.current_time()
-            silent = now - quiet_since
-            if silent >= dialin.disconnect_after:
-                self.reset_link(f"silent for disconnect_after = {dialin.disconnect_after:g} s")
+    def check_silence(self, now: float) -> None:
+        """A dial-in device's silence: a ping after ping_after (when nobody holds it), closed after disconnect_after.
+
+        The dial-in server calls this for every device once a tick, which spares each device a task.
+        """
+        dialin, link = self.dialin, self._link
+        if dialin is None or link is None:
+            return
+        quiet_since = self._last_received
+        silent = now - quiet_since
+        if silent >= dialin.disconnect_after:
+            self.reset_link(f"silent for disconnect_after = {dialin.disconnect_after:g} s")
+            return
+        if silent >= dialin.idle_after and self._idle_logged != quiet_since:
+            self._idle_logged = quiet_since
+            logger.debug("{}: idle (silent for {:.0f} s)", self.name, silent)
+        if dialin.ping_after and silent >= dialin.ping_after and self._pinged != quiet_since and self.holder is None:
+            self._pinged = quiet_since
+            try:
+                sent = os.write(wire.fileno(link), dialin.ping_bytes)
+            except OSError as exc:
+                self.reset_link(f"ping failed: {exc.strerror or exc}")
                 return
-            if silent >= dialin.idle_after and idle_logged_at != quiet_since:
-                idle_logged_at = quiet_since
-                logger.debug("{}: idle (silent for {:.0f} s)", self.name, silent)
-            if dialin.ping_after and silent >= dialin.ping_after and pinged_at != quiet_since and self.holder is None:
-                pinged_at = quiet_since
-                try:
-                    await wire.send_all(link, wire.fileno(link), dialin.ping_bytes)
-                except BROKEN as exc:
-                    self.reset_link(f"ping failed: {exc}")
-                    return
-                self.counters.bytes_to_device += len(dialin.ping_bytes)
-                logger.debug("{}: silent for {:.0f} s; ping sent", self.name, silent)
-            deadlines = [quiet_since + dialin.disconnect_after]
-            if dialin.ping_after and pinged_at != quiet_since:
-                deadlines.append(quiet_since + dialin.ping_after)
-            if idle_logged_at != quiet_since:
-                deadlines.append(quiet_since + dialin.idle_after)
-            # Wake at the next deadline, or soon after traffic moved it (checked again then).
-            await trio.sleep_until(min(max(d, now + 0.01) for d in deadlines))
+            self.counters.bytes_to_device += sent
+            logger.debug("{}: silent for {:.0f} s; ping sent", self.name, silent)
 
     def reset_link(self, reason: str) -> None:
         """Closes the link as failed, so a late answer cannot reach the next client; it is reopened."""

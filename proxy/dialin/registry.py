@@ -53,6 +53,16 @@ class Record:
     bytes_from_device: int
 
 
+@attrs.frozen
+class Event:
+    """A device connected (with its peer) or disconnected, at `at` (ISO 8601 UTC)."""
+
+    device_id: str
+    connected: bool
+    peer: str = ""
+    at: str = attrs.field(factory=lambda: _now())
+
+
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
@@ -66,6 +76,9 @@ class Registry:
         try:
             self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
             self._db.execute("PRAGMA journal_mode=WAL")
+            # With WAL, NORMAL syncs at checkpoints, not at each commit: a crash of the process loses
+            # nothing, a crash of the machine at most the last moments; registering thousands stays fast.
+            self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.execute("PRAGMA busy_timeout=5000")
             self._db.execute(SCHEMA)
         except sqlite3.Error as exc:
@@ -93,40 +106,53 @@ class Registry:
         if self.get(device_id) is not None:
             raise RegistryError(f"{device_id} is already registered")
         low, high = self.direct_ports
-        taken = {row[0] for row in self._db.execute("SELECT direct_port FROM devices")}
         if port is None:
-            port = next((p for p in range(low, high + 1) if p not in taken), None)
-            if port is None:
+            # The lowest free port: the range's first, or the first after a taken one that is free.
+            row = self._db.execute(
+                "SELECT MIN(candidate) FROM (SELECT ? AS candidate UNION SELECT direct_port + 1 FROM devices) "
+                "WHERE candidate BETWEEN ? AND ? AND candidate NOT IN (SELECT direct_port FROM devices)",
+                (low, low, high),
+            ).fetchone()
+            if row[0] is None:
                 raise RegistryError(f"direct_ports {low}-{high} are all taken; {device_id} gets no port")
-        elif port in taken:
-            raise RegistryError(f"port {port} belongs to another device")
-        self._db.execute(
-            "INSERT INTO devices (id, name, note, direct_port, created) VALUES (?, ?, ?, ?, ?)",
-            (device_id, name, note, port, _now()),
-        )
+            port = row[0]
+        try:
+            self._db.execute(
+                "INSERT INTO devices (id, name, note, direct_port, created) VALUES (?, ?, ?, ?, ?)",
+                (device_id, name, note, port, _now()),
+            )
+        except sqlite3.IntegrityError:
+            raise RegistryError(f"port {port} belongs to another device") from None
         return self.get(device_id)
+
+    def find_or_add(self, device_id: str, autoregister: bool) -> tuple[Record | None, bool]:
+        """(the device's record, True if it was registered now); (None, False) if unknown and not added."""
+        record = self.get(device_id)
+        if record is not None or not autoregister:
+            return record, False
+        return self.add(device_id), True
 
     def remove(self, device_id: str) -> bool:
         return self._db.execute("DELETE FROM devices WHERE id = ?", (device_id,)).rowcount > 0
 
-    def connected(self, device_id: str, peer: str) -> None:
-        now = _now()
-        self._db.execute(
-            "UPDATE devices SET last_connect = ?, last_seen = ?, last_peer = ? WHERE id = ?",
-            (now, now, peer, device_id),
-        )
-
-    def disconnected(self, device_id: str) -> None:
-        now = _now()
-        self._db.execute("UPDATE devices SET last_disconnect = ?, last_seen = ? WHERE id = ?", (now, now, device_id))
-
-    def add_traffic(self, updates: Iterable[tuple[str, int, int]]) -> None:
-        """Adds (id, bytes to device, bytes from device) to the totals, in one transaction."""
+    def record(self, events: Iterable[Event], traffic: Iterable[tuple[str, int, int]]) -> None:
+        """Writes connects, disconnects and (id, bytes to device, bytes from device) in one transaction."""
         now = _now()
         with self._db:
             self._db.execute("BEGIN")
+            for event in events:
+                if event.connected:
+                    self._db.execute(
+                        "UPDATE devices SET last_connect = ?, last_seen = ?, last_peer = ? WHERE id = ?",
+                        (event.at, event.at, event.peer, event.device_id),
+                    )
+                else:
+                    self._db.execute(
+                        "UPDATE devices SET last_disconnect = ?, last_seen = ? WHERE id = ?",
+                        (event.at, event.at, event.device_id),
+                    )
             self._db.executemany(
                 "UPDATE devices SET bytes_to_device = bytes_to_device + ?, bytes_from_device = bytes_from_device + ?,"
                 " last_seen = ? WHERE id = ?",
-                [(to_device, from_device, now, device_id) for device_id, to_device, from_device in updates],
+                [(to_device, from_device, now, device_id) for device_id, to_device, from_device in traffic],
             )

@@ -7,15 +7,15 @@ from collections.abc import Awaitable, Callable
 import trio
 from loguru import logger
 
-from proxy import log
+from proxy import accept, log
 from proxy.clients import peer_name
 from proxy.config import DialinConfig
 from proxy.device import Device
 from proxy.dialin.identify import IdentifyFailed, identify
-from proxy.dialin.registry import Registry
+from proxy.dialin.registry import Event, Registry
 
-# Bytes counted by the devices reach the registry this often, not per chunk.
-FLUSH_INTERVAL = 10.0
+# Connects, disconnects and bytes reach the registry this often, in one transaction, not one by one.
+FLUSH_INTERVAL = 1.0
 
 
 class DialinServer:
@@ -34,60 +34,80 @@ class DialinServer:
         self._devices = devices
         self.connected = 0
         self._flushed: dict[str, tuple[int, int]] = {}
+        self._events: list[Event] = []
 
     async def serve(
         self, listeners: list[trio.SocketListener], *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
         """Accepts devices until cancelled. Error handling: a device's trouble ends that connection only;
-        accept errors such as EMFILE make trio's accept loop pause, not spin."""
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._flush_traffic)
-            await nursery.start(trio.serve_listeners, self._connection, listeners)
-            task_status.started()
+        accept errors such as EMFILE make the accept loop pause, not spin."""
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._flush_periodically)
+                nursery.start_soon(self._check_silence)
+                await nursery.start(accept.serve_listeners, self._connection, listeners)
+                task_status.started()
+        finally:
+            with trio.CancelScope(shield=True):
+                await self.flush()
 
     async def _connection(self, stream: trio.SocketStream) -> None:
+        """Identifies one device and hands its connection over; closes it on any failure."""
         peer = peer_name(stream)
-        if self.connected >= self.config.max_devices:
-            logger.warning("dialin: {} refused: max_devices = {} connected", peer, self.config.max_devices)
-            return
-        self.connected += 1
+        handed_over = False
         try:
-            await self._serve(stream, peer)
+            if self.connected >= self.config.max_devices:
+                logger.warning("dialin: {} refused: max_devices = {} connected", peer, self.config.max_devices)
+                return
+            handed_over = await self._identify_and_attach(stream, peer)
         finally:
-            self.connected -= 1
+            if not handed_over:
+                await trio.aclose_forcefully(stream)
 
-    async def _serve(self, stream: trio.SocketStream, peer: str) -> None:
+    async def _identify_and_attach(self, stream: trio.SocketStream, peer: str) -> bool:
         timeout = self.config.identify_timeout
         try:
             with trio.fail_after(timeout):
                 device_id, first = await identify(stream, self.config)
         except trio.TooSlowError:
             logger.info("dialin: {} did not identify within identify_timeout = {:g} s; closed", peer, timeout)
-            return
+            return False
         except IdentifyFailed as exc:
             logger.info("dialin: {} did not identify ({}); sent: {}; closed", peer, exc, log.hexdump(exc.sent, 64))
-            return
+            return False
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             logger.info("dialin: {} went away while identifying: {}", peer, exc)
-            return
+            return False
         device = await self._lookup(device_id, peer)
         if device is None:
-            return
+            return False
         logger.info("dialin: {} is {} ({})", peer, device_id, device.name)
-        await self.registry.run(self.registry.connected, device_id, peer)
-        try:
-            await device.attach(stream, first, peer)
-        finally:
-            with trio.CancelScope(shield=True):
-                await self.registry.run(self.registry.disconnected, device_id)
+        self.connected += 1
+        self._events.append(Event(device_id, True, peer))
 
-    async def _flush_traffic(self) -> None:
+        def done() -> None:
+            self.connected -= 1
+            self._events.append(Event(device_id, False))
+
+        await device.attach(stream, first, peer, done)
+        return True
+
+    async def _check_silence(self) -> None:
+        config = self.config
+        tick = min(1.0, config.disconnect_after / 4, config.idle_after / 2, (config.ping_after or 2.0) / 2)
+        while True:
+            await trio.sleep(tick)
+            now = trio.current_time()
+            for device in self._devices():
+                device.check_silence(now)
+
+    async def _flush_periodically(self) -> None:
         while True:
             await trio.sleep(FLUSH_INTERVAL)
             await self.flush()
 
     async def flush(self) -> None:
-        """Adds the bytes each device moved since the last flush to its registry totals."""
+        """Writes the connects and disconnects since the last flush, and the bytes each device moved."""
         updates = []
         for device in self._devices():
             counters = device.counters
@@ -99,5 +119,6 @@ class DialinServer:
                     (device.config.path, counters.bytes_to_device - done_to, counters.bytes_from_device - done_from)
                 )
                 self._flushed[device.config.path] = (counters.bytes_to_device, counters.bytes_from_device)
-        if updates:
-            await self.registry.run(self.registry.add_traffic, updates)
+        events, self._events = self._events, []
+        if updates or events:
+            await self.registry.run(self.registry.record, events, updates)

@@ -13,7 +13,7 @@ import h11
 import trio
 from loguru import logger
 
-from proxy import wire
+from proxy import accept, wire
 from proxy.device import Device
 from proxy.status import metrics, page
 from proxy.status.snapshot import FIELDS, device_snapshot
@@ -53,7 +53,7 @@ class StatusServer:
         self, listeners: list[trio.SocketListener], *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
         """Serves until cancelled. Error handling: one client's trouble is logged and ends that client only."""
-        await trio.serve_listeners(self._connection, listeners, task_status=task_status)
+        await accept.serve_listeners(self._connection, listeners, task_status=task_status)
 
     async def _connection(self, stream: trio.SocketStream) -> None:
         async with stream:
