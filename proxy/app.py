@@ -139,7 +139,8 @@ class Running:
         try:
             with run.scope:
                 async with trio.open_nursery() as nursery:
-                    await nursery.start(serve_clients, run.device, listeners)
+                    # The ports listen already: clients queue in the backlog until the loops accept them.
+                    serve_clients(run.device, listeners, nursery)
                     task_status.started()
                     # In this task: thousands of dial-in devices make every task a device costs count.
                     await run.device.run()

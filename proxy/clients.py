@@ -22,18 +22,15 @@ def peer_name(stream: trio.SocketStream) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-async def serve_clients(
-    device: Device,
-    listeners: list[trio.SocketListener],
-    *,
-    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
-) -> None:
-    """Accepts clients of `device` on `listeners` until cancelled.
+def serve_clients(device: Device, listeners: list[trio.SocketListener], nursery: trio.Nursery) -> None:
+    """Accepts clients of `device` on `listeners`, an accept loop a listener in `nursery`, until it is cancelled.
 
     Error handling: the accept loop pauses and retries on EMFILE and the like; one client's failure is
-    logged and never reaches another client or the device.
+    logged and never reaches another client or the device. The caller closes the listeners.
     """
-    await accept.serve_listeners(partial(handle_client, device), listeners, task_status=task_status)
+    handler = partial(handle_client, device)
+    for listener in listeners:
+        nursery.start_soon(accept.accept_loop, listener, handler, nursery)
 
 
 async def handle_client(device: Device, stream: trio.SocketStream) -> None:
