@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     send.add_argument("--read", metavar="NAME", help="iec61107: the parameter to read, e.g. VOLTA")
     send.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the whole answer")
     importer = commands.add_parser("import", help="convert another gateway's configuration to settings.toml")
-    importer.add_argument("kind", choices=("ecrservice",), help="the gateway the file comes from")
+    importer.add_argument("kind", choices=("ecrservice", "cencn"), help="the gateway the file comes from")
     importer.add_argument("file", type=Path)
     importer.add_argument("-o", "--output", type=Path, default=Path("settings.toml"), help="default ./settings.toml")
     importer.add_argument("--force", action="store_true", help="overwrite the output file if it exists")
@@ -139,6 +139,12 @@ def check(path: str) -> int:
         print(f"    protocol {device.protocol}, {device.sharing} sharing, clients on {listen}")
     if settings.proxy.status is not None:
         print(f"  status page on {settings.proxy.status}")
+    if settings.dialin is not None:
+        dialin = settings.dialin
+        listen = ", ".join(map(str, dialin.listen))
+        low, high = dialin.direct_ports
+        print(f"  dial-in devices connect on {listen}, identify by {dialin.identify}, direct ports {low}-{high}")
+        print(f"    registry {dialin.registry}, protocol {dialin.protocol}, {dialin.sharing} sharing")
     return EXIT_OK
 
 
@@ -243,18 +249,19 @@ def devices(args: argparse.Namespace) -> int:
 
 def import_config(args: argparse.Namespace) -> int:
     """Writes settings.toml from another gateway's file; lists on stderr what could not be mapped."""
-    from proxy.importers import ImportFailed, import_ecrservice
+    from proxy.importers import ImportFailed, import_cencn, import_ecrservice
 
     if args.output.exists() and not args.force:
         print(f"error: {args.output} exists; use --force to overwrite it or -o for another file", file=sys.stderr)
         return EXIT_FAILED
     try:
-        imported = import_ecrservice(args.file)
+        imported = (import_ecrservice if args.kind == "ecrservice" else import_cencn)(args.file)
     except ImportFailed as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_FAILED
     args.output.write_text(imported.toml(), encoding="utf-8")
-    print(f"wrote {args.output} with {len(imported.settings['device'])} device(s) from {args.file}")
+    what = f"{len(imported.settings['device'])} device(s)" if "device" in imported.settings else "a [dialin] table"
+    print(f"wrote {args.output} with {what} from {args.file}")
     for line in imported.unmapped:
         print(f"not mapped: {line}", file=sys.stderr)
     return EXIT_OK

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from proxy.config import load
-from proxy.importers import ImportFailed, import_ecrservice
+from proxy.importers import ImportFailed, import_cencn, import_ecrservice
 
 DATA = Path(__file__).parent / "data"
 PROXY = [sys.executable, "-m", "proxy"]
@@ -81,3 +81,52 @@ def test_the_command_writes_the_file_lists_the_unmapped_and_never_overwrites(tmp
     assert again.returncode == 1 and "exists; use --force" in again.stderr
     checked = subprocess.run([*PROXY, "check", "-c", str(output)], capture_output=True, text=True, timeout=20)
     assert checked.returncode == 0, checked.stderr
+
+
+def test_cencn_settings_become_a_dialin_table_with_every_unmapped_key_listed(tmp_path):
+    imported = import_cencn(DATA / "cencn-appsettings.json")
+    output = tmp_path / "settings.toml"
+    output.write_text(imported.toml())
+    settings = load(output)
+    dialin = settings.dialin
+    assert [str(a) for a in dialin.listen] == ["0.0.0.0:11001", "0.0.0.0:11002"]
+    assert (dialin.max_devices, dialin.autoregister, dialin.identify_timeout) == (65000, True, 300)
+    assert (dialin.disconnect_after, dialin.idle_after, dialin.ping_after) == (3600, 60, 0)
+    assert dialin.direct_ports == (7500, 8599)
+    proxy = settings.proxy
+    assert (proxy.log_level, proxy.log_file, proxy.log_rotation, proxy.log_retention) == (
+        "WARNING",
+        "LOGS/devproxy.log",
+        "10240 B",
+        2,
+    )
+    unmapped = {line.split(" = ")[0]: line for line in imported.unmapped}
+    assert "CENC's ping packet is not public" in unmapped["CENC:Device:InactiveToPingSeconds"]
+    assert "stop below port 8600 ([proxy] status)" in unmapped["CENC:Device:DirectAccess:MinimalPortNumber"]
+    assert "does not speak the CENC protocol" in unmapped["CENC:AMR:ServerPort"]
+    assert "does not set meters' clocks" in unmapped["CENC:Device:TymeSync:LastTimeSyncMinutesForTimeCorrection"]
+    assert "registry in SQLite" in unmapped["ConnectionStrings:Default"]
+    assert "one log level" in unmapped["DaemonLoggin:AMRMinLevel"]
+    mapped = {
+        "CENC:Device:ServerPort",
+        "CENC:Device:MaxConnections",
+        "CENC:Device:AutoregistrationEnabled",
+        "CENC:Device:InactiveDisconnectionTimeoutSeconds",
+        "CENC:Device:InactiveToIdleTimeoutSeconds",
+        "CENC:Device:RegistrationTimeoutSeconds",
+        "DaemonLoggin:DeviceMinLevel",
+        "DaemonLoggin:LogFileDirectoryPath",
+    }
+    assert not mapped & set(unmapped)
+
+
+def test_cencn_values_of_the_wrong_kind_keep_the_default_and_say_so(tmp_path):
+    source = tmp_path / "appsettings.json"
+    source.write_text('{"CENC": {"Device": {"ServerPort": "eleven", "Colour": "red"}}}')
+    imported = import_cencn(source)
+    assert imported.settings["dialin"]["listen"] == ["0.0.0.0:11001"]
+    assert "CENC:Device:ServerPort = 'eleven': not int; the default is used" in imported.unmapped
+    assert "CENC:Device:Colour = 'red': not a setting devproxy knows" in imported.unmapped
+    source.write_text("[1, 2]")
+    with pytest.raises(ImportFailed, match="not a JSON object"):
+        import_cencn(source)
