@@ -27,6 +27,7 @@ lint: install
 bench: install
 	$(BIN)/python bench/latency.py
 	$(BIN)/python bench/exchange.py
+	$(BIN)/python bench/dialin.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info
