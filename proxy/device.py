@@ -165,6 +165,7 @@ class Device:
         # Until the first lease on a newly connected dial-in device, what it sends is kept for it.
         self._fresh = False
         self._held = bytearray()
+        self.peer: str | None = None
         self._last_received = 0.0
         self._pinged = self._idle_logged = -1.0
         self.name = config.name
@@ -253,6 +254,7 @@ class Device:
         or the device stops; then it calls on_done(). A connection already open for the same device is
         closed (its holder disconnected), so that the newest one serves.
         """
+        self.peer = peer
         superseded, self._handover = self._handover, Handover(link, first, on_done)
         self._handover_ready.set()
         if superseded is not None:

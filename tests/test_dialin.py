@@ -13,6 +13,7 @@ import trio
 from proxy.config import parse
 from proxy.device import State
 from proxy.dialin.identify import IdentifyFailed, parse_id
+from proxy.status.snapshot import device_snapshot
 
 from helpers import WAIT_LIMIT, receive_exactly, receive_until_closed, running_proxy
 
@@ -204,3 +205,37 @@ def test_a_line_that_is_no_id_fails_with_what_was_sent(tmp_path):
     config = dialin_settings(tmp_path).dialin
     with pytest.raises(IdentifyFailed, match="no device id"):
         parse_id(config, b"two words\n")
+
+
+async def test_devices_beyond_max_devices_are_refused_with_a_log_line(tmp_path, log_lines):
+    settings = dialin_settings(tmp_path, max_devices=1)
+    async with running_proxy(settings) as running:
+        first = await modem(running, b"ONE\n")
+        await online(await device_named(running, "ONE"))
+        async with await modem(running, b"TWO\n") as second:
+            assert await receive_until_closed(second) == b""
+        await first.aclose()
+    assert any("refused: max_devices = 1 connected" in line for line in log_lines)
+
+
+async def test_the_status_api_shows_a_dialin_device_with_its_peer(tmp_path):
+    settings = dialin_settings(tmp_path)
+    settings = parse({"proxy": {"status": "127.0.0.1:0"}, "dialin": {**_raw_dialin(settings)}})
+    async with running_proxy(settings) as running:
+        link = await modem(running, b"SHOWN\n")
+        device = await device_named(running, "SHOWN")
+        await online(device)
+        shown = device_snapshot(*running.devices_and_addresses()[device.name])
+        assert shown["type"] == "dialin" and shown["state"] == "idle"
+        assert shown["path"] == f"127.0.0.1:{link.socket.getsockname()[1]}"
+        await link.aclose()
+
+
+def _raw_dialin(settings) -> dict:
+    dialin = settings.dialin
+    return {
+        "listen": ["127.0.0.1:0"],
+        "registry": dialin.registry,
+        "direct_ports": f"{dialin.direct_ports[0]}-{dialin.direct_ports[1]}",
+        "ping_after": 0,
+    }

@@ -33,6 +33,15 @@ def _iso(moment: datetime | None) -> str | None:
     return moment.isoformat().replace("+00:00", "Z") if moment is not None else None
 
 
+def _where(device: Device) -> str | None:
+    """The serial path or TCP address; for a dial-in device, the address it last connected from."""
+    if device.config.type == "simulator":
+        return None
+    if device.dialin is not None:
+        return device.peer
+    return device.config.path
+
+
 def device_snapshot(device: Device, listen: list[Address]) -> dict[str, Any]:
     """The device's fields, named as in FIELDS; times in ISO 8601 UTC or None."""
     config, counters = device.config, device.counters
@@ -40,7 +49,7 @@ def device_snapshot(device: Device, listen: list[Address]) -> dict[str, Any]:
     return {
         "name": device.name,
         "type": config.type,
-        "path": config.path if config.type != "simulator" else None,
+        "path": _where(device),
         "protocol": config.protocol,
         "sharing": config.sharing,
         "state": str(device.state),
