@@ -7,6 +7,7 @@ partial frame is then known to be a false start and is rescanned.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 import attrs
@@ -97,36 +98,41 @@ class Exchange:
         return b""
 
 
-class DeviceProtocol(Protocol):
-    """What the proxy needs of a protocol to share a device request by request."""
+class DeviceProtocol:
+    """What the proxy needs of a protocol to share a device request by request; the defaults suit most.
 
-    name: str
+    A protocol module subclasses it and sets `name` and `framer` (a framer for either side of the
+    link), and overrides what its protocol does otherwise.
+    """
+
+    name: str = ""
+    framer: Callable[[], Framer]
     # True when a client's message ends only in silence (raw): the proxy flushes after frame_gap.
-    request_ends_in_silence: bool
-    # Seconds without a byte after which a client's partial message is abandoned and rescanned.
-    partial_timeout: float
+    request_ends_in_silence = False
     # True when the host sends more during an exchange (an ACK of the answer, the rest of a session).
-    host_speaks_during_exchange: bool
+    host_speaks_during_exchange = False
+    # Seconds without a byte after which a client's partial message is abandoned and rescanned.
+    partial_timeout = 0.5
 
     def host_framer(self) -> Framer:
         """A framer for the client's side of the link."""
-        ...
+        return self.framer()
 
     def is_request(self, event: Event) -> bool:
         """True when `event`, sent by a client outside an exchange, starts one."""
-        ...
+        return isinstance(event, Frame)
 
     def exchange(self, request: Event) -> Exchange:
-        """The exchange `request` starts."""
-        ...
+        """The exchange `request` starts; by default complete at the device's first frame."""
+        return Exchange(self.framer())
 
     def busy_answer(self, request: Event) -> bytes | None:
         """The protocol's own "busy" answer to a refused request, or None when it has none."""
-        ...
+        return None
 
     def reject_answer(self, junk: Junk) -> bytes | None:
         """What the device would answer bytes that are no valid message (a NAK), or None."""
-        ...
+        return None
 
 
 def get(name: str) -> DeviceProtocol:

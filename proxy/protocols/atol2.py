@@ -11,7 +11,7 @@ from __future__ import annotations
 from functools import reduce
 from operator import xor
 
-from proxy.protocols import Control, Event, Exchange, Frame, Junk, ProtocolError
+from proxy.protocols import Control, DeviceProtocol, Event, Exchange, Frame, ProtocolError
 from proxy.protocols.framing import ScanningFramer
 
 STX, ETX, EOT, ENQ, ACK, DLE, NAK = 0x02, 0x03, 0x04, 0x05, 0x06, 0x10, 0x15
@@ -94,26 +94,16 @@ class Atol2Exchange(Exchange):
         return True
 
 
-class Atol2Protocol:
+class Atol2Protocol(DeviceProtocol):
     name = "atol2"
-    request_ends_in_silence = False
+    framer = Framer
     host_speaks_during_exchange = True
-    partial_timeout = 0.5
-
-    def host_framer(self) -> Framer:
-        return Framer()
 
     def is_request(self, event: Event) -> bool:
         return isinstance(event, Control) and event.byte == ENQ
 
     def exchange(self, request: Event) -> Atol2Exchange:
         return Atol2Exchange()
-
-    def busy_answer(self, request: Event) -> bytes | None:
-        return None
-
-    def reject_answer(self, junk: Junk) -> bytes | None:
-        return None
 
 
 PROTOCOL = Atol2Protocol()

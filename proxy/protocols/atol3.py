@@ -9,7 +9,7 @@ asynchronous results.
 
 from __future__ import annotations
 
-from proxy.protocols import Event, Exchange, Frame, Junk, ProtocolError
+from proxy.protocols import DeviceProtocol, Event, Exchange, Frame, ProtocolError
 from proxy.protocols.framing import ScanningFramer
 
 START, ESCAPE = 0xFE, 0xFD
@@ -133,26 +133,13 @@ class Atol3Exchange(Exchange):
         return False
 
 
-class Atol3Protocol:
+class Atol3Protocol(DeviceProtocol):
     name = "atol3"
-    request_ends_in_silence = False
+    framer = Framer
     host_speaks_during_exchange = True
-    partial_timeout = 0.5
-
-    def host_framer(self) -> Framer:
-        return Framer()
-
-    def is_request(self, event: Event) -> bool:
-        return isinstance(event, Frame)
 
     def exchange(self, request: Event) -> Atol3Exchange:
         return Atol3Exchange(request.raw)
-
-    def busy_answer(self, request: Event) -> bytes | None:
-        return None
-
-    def reject_answer(self, junk: Junk) -> bytes | None:
-        return None
 
 
 PROTOCOL = Atol3Protocol()

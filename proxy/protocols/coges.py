@@ -8,7 +8,7 @@ press is "00002" + the key's code here, a price "000032" + 4 hex digits, a manag
 
 from __future__ import annotations
 
-from proxy.protocols import Event, Exchange, Frame, Junk, ProtocolError
+from proxy.protocols import DeviceProtocol, ProtocolError
 from proxy.protocols.framing import ScanningFramer
 
 OPEN, CLOSE = ord("<"), ord(">")
@@ -76,27 +76,12 @@ class Framer(ScanningFramer):
         return None if index - position <= MAX_PAYLOAD else 0
 
 
-class CogesProtocol:
+class CogesProtocol(DeviceProtocol):
+    """Complete on the first envelope from the device."""
+
     name = "coges"
-    request_ends_in_silence = False
-    host_speaks_during_exchange = False
+    framer = Framer
     partial_timeout = 0.3
-
-    def host_framer(self) -> Framer:
-        return Framer()
-
-    def is_request(self, event: Event) -> bool:
-        return isinstance(event, Frame)
-
-    def exchange(self, request: Event) -> Exchange:
-        # Complete on the first envelope from the device.
-        return Exchange(Framer())
-
-    def busy_answer(self, request: Event) -> bytes | None:
-        return None
-
-    def reject_answer(self, junk: Junk) -> bytes | None:
-        return None
 
 
 PROTOCOL = CogesProtocol()

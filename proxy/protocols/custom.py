@@ -14,7 +14,7 @@ from itertools import accumulate, islice
 
 import attrs
 
-from proxy.protocols import Control, Event, Exchange, Frame, Junk, ProtocolError
+from proxy.protocols import Control, DeviceProtocol, Event, Exchange, Frame, Junk, ProtocolError
 from proxy.protocols.framing import ScanningFramer
 
 START = 0x01
@@ -138,18 +138,13 @@ class CustomExchange(Exchange):
         return b"" if self.acked else bytes((NAK,))
 
 
-class CustomProtocol:
+class CustomProtocol(DeviceProtocol):
     name = "custom"
-    request_ends_in_silence = False
-    host_speaks_during_exchange = False
     # The register's own per-stage byte timeouts are well under a second.
     partial_timeout = 1.0
 
     def host_framer(self) -> Framer:
         return Framer(from_device=False)
-
-    def is_request(self, event: Event) -> bool:
-        return isinstance(event, Frame)
 
     def exchange(self, request: Event) -> CustomExchange:
         return CustomExchange(request.raw)

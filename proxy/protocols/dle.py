@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import attrs
 
-from proxy.protocols import Control, Event, Exchange, Frame, Junk, ProtocolError
+from proxy.protocols import Control, DeviceProtocol, Event, Exchange, Frame, ProtocolError
 from proxy.protocols.framing import ScanningFramer
 
 DLE, STX, ETX, ENQ, ACK, NAK = 0x10, 0x02, 0x03, 0x05, 0x06, 0x15
@@ -83,26 +83,12 @@ class DleExchange(Exchange):
             self.complete = True
 
 
-class DleProtocol:
+class DleProtocol(DeviceProtocol):
     name = "dle"
-    request_ends_in_silence = False
-    host_speaks_during_exchange = False
-    partial_timeout = 0.5
-
-    def host_framer(self) -> Framer:
-        return Framer()
-
-    def is_request(self, event: Event) -> bool:
-        return isinstance(event, Frame)
+    framer = Framer
 
     def exchange(self, request: Event) -> DleExchange:
         return DleExchange(Framer())
-
-    def busy_answer(self, request: Event) -> bytes | None:
-        return None
-
-    def reject_answer(self, junk: Junk) -> bytes | None:
-        return None
 
 
 PROTOCOL = DleProtocol()

@@ -12,7 +12,7 @@ import struct
 
 import attrs
 
-from proxy.protocols import Event, Exchange, Frame, Junk, ProtocolError
+from proxy.protocols import DeviceProtocol, ProtocolError
 from proxy.protocols.framing import ScanningFramer
 
 END, ESC, ESC_END, ESC_ESC = 0xC0, 0xDB, 0xDC, 0xDD
@@ -96,27 +96,11 @@ class Framer(ScanningFramer):
         return end + 1 - position
 
 
-class CeProtocol:
+class CeProtocol(DeviceProtocol):
+    """One reply frame (normal or error class) completes an exchange."""
+
     name = "energomera-ce"
-    request_ends_in_silence = False
-    host_speaks_during_exchange = False
-    partial_timeout = 0.5
-
-    def host_framer(self) -> Framer:
-        return Framer()
-
-    def is_request(self, event: Event) -> bool:
-        return isinstance(event, Frame)
-
-    def exchange(self, request: Event) -> Exchange:
-        # One reply frame (normal or error class) completes it.
-        return Exchange(Framer())
-
-    def busy_answer(self, request: Event) -> bytes | None:
-        return None
-
-    def reject_answer(self, junk: Junk) -> bytes | None:
-        return None
+    framer = Framer
 
 
 PROTOCOL = CeProtocol()

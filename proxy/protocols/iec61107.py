@@ -12,7 +12,7 @@ from __future__ import annotations
 from functools import reduce
 from operator import xor
 
-from proxy.protocols import Control, Event, Exchange, Frame, Junk, ProtocolError
+from proxy.protocols import Control, DeviceProtocol, Event, Exchange, Frame, ProtocolError
 from proxy.protocols.framing import ScanningFramer
 
 SOH, STX, ETX, EOT, ACK, NAK = 0x01, 0x02, 0x03, 0x04, 0x06, 0x15
@@ -125,17 +125,13 @@ class IecExchange(Exchange):
         return False
 
 
-class IecProtocol:
+class IecProtocol(DeviceProtocol):
     name = "iec61107"
-    request_ends_in_silence = False
     host_speaks_during_exchange = True
     partial_timeout = 0.2
 
     def host_framer(self) -> Framer:
         return Framer(from_host=True)
-
-    def is_request(self, event: Event) -> bool:
-        return isinstance(event, Frame)
 
     def exchange(self, request: Event) -> IecExchange:
         return IecExchange(request.raw)
@@ -143,9 +139,6 @@ class IecProtocol:
     def busy_answer(self, request: Event) -> bytes | None:
         """STX (ERR19) ETX BCC: "BusyAccess", as the meter answers when another port holds it."""
         return data_block(f"({BUSY})")
-
-    def reject_answer(self, junk: Junk) -> bytes | None:
-        return None
 
 
 PROTOCOL = IecProtocol()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from proxy.protocols import Event, Exchange, Frame, Junk
+from proxy.protocols import DeviceProtocol, Event, Exchange, Frame
 
 
 class SilenceFramer:
@@ -33,26 +33,14 @@ class RawExchange(Exchange):
         """Device bytes never end a raw exchange by themselves; frame_gap of silence does."""
 
 
-class RawProtocol:
+class RawProtocol(DeviceProtocol):
     name = "raw"
+    framer = SilenceFramer
     request_ends_in_silence = True
-    host_speaks_during_exchange = False
     partial_timeout = 0.0  # unused: a raw message ends in frame_gap of silence
-
-    def host_framer(self) -> SilenceFramer:
-        return SilenceFramer()
-
-    def is_request(self, event: Event) -> bool:
-        return isinstance(event, Frame)
 
     def exchange(self, request: Event) -> RawExchange:
         return RawExchange(SilenceFramer())
-
-    def busy_answer(self, request: Event) -> bytes | None:
-        return None
-
-    def reject_answer(self, junk: Junk) -> bytes | None:
-        return None
 
 
 PROTOCOL = RawProtocol()

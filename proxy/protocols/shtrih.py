@@ -10,7 +10,7 @@ from __future__ import annotations
 from functools import reduce
 from operator import xor
 
-from proxy.protocols import Control, Event, Exchange, Frame, Junk, ProtocolError
+from proxy.protocols import Control, DeviceProtocol, Event, Exchange, Frame, Junk, ProtocolError
 from proxy.protocols.framing import ScanningFramer
 
 STX = 0x02
@@ -97,23 +97,16 @@ class ShtrihExchange(Exchange):
         return b"" if self.acked else bytes((NAK,))
 
 
-class ShtrihProtocol:
+class ShtrihProtocol(DeviceProtocol):
     name = "shtrih"
-    request_ends_in_silence = False
+    framer = Framer
     host_speaks_during_exchange = True
-    partial_timeout = 0.5
-
-    def host_framer(self) -> Framer:
-        return Framer()
 
     def is_request(self, event: Event) -> bool:
         return isinstance(event, Frame) or (isinstance(event, Control) and event.byte == ENQ)
 
     def exchange(self, request: Event) -> ShtrihExchange:
         return ShtrihExchange(request)
-
-    def busy_answer(self, request: Event) -> bytes | None:
-        return None
 
     def reject_answer(self, junk: Junk) -> bytes | None:
         return bytes((NAK,)) if junk.raw[:1] == bytes((STX,)) else None
