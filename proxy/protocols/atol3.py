@@ -9,7 +9,7 @@ asynchronous results.
 
 from __future__ import annotations
 
-from proxy.protocols import DeviceProtocol, Event, Exchange, Frame, ProtocolError
+from proxy.protocols import DeviceProtocol, Event, Exchange, Frame, ProtocolError, crc
 from proxy.protocols.framing import ScanningFramer
 
 START, ESCAPE = 0xFE, 0xFD
@@ -23,12 +23,7 @@ ASYNC_FLAG = 0x04
 
 
 def crc8(data: bytes) -> int:
-    crc = 0xFF
-    for byte in data:
-        crc ^= byte
-        for _ in range(8):
-            crc = ((crc << 1) ^ 0x31) & 0xFF if crc & 0x80 else (crc << 1) & 0xFF
-    return crc
+    return crc.crc8(data, 0x31, 0xFF)
 
 
 def escape(data: bytes) -> bytes:

@@ -12,7 +12,7 @@ import struct
 
 import attrs
 
-from proxy.protocols import DeviceProtocol, ProtocolError
+from proxy.protocols import DeviceProtocol, ProtocolError, crc
 from proxy.protocols.framing import ScanningFramer
 
 END, ESC, ESC_END, ESC_ESC = 0xC0, 0xDB, 0xDC, 0xDD
@@ -25,12 +25,7 @@ READ_DATE_TIME, READ_SERIAL = 0x0120, 0x011A
 
 
 def crc8(data: bytes) -> int:
-    crc = 0
-    for byte in data:
-        crc ^= byte
-        for _ in range(8):
-            crc = ((crc << 1) ^ 0xB5) & 0xFF if crc & 0x80 else (crc << 1) & 0xFF
-    return crc
+    return crc.crc8(data, 0xB5, 0)
 
 
 def escape(payload: bytes) -> bytes:
