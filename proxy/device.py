@@ -149,25 +149,17 @@ class Lease:
 
 
 class Device:
-    """A configured device: keeps its link open, reads it, and lends it to one lease at a time.
+    """A device: keeps its link open (or takes it from the dial-in server), reads it, and lends it to
+    one lease at a time.
 
     Only the reader task started by run() reads the link; only the current lease writes it. Bytes the
     device sends while no lease is held are logged and dropped, and what is buffered when a lease
-    begins is discarded, so nothing meant for one client reaches another.
+    begins is discarded, so nothing meant for one client reaches another. (The first lease on a newly
+    connected dial-in device is the exception: it gets what the device sent before anyone held it.)
     """
 
     def __init__(self, config: DeviceConfig, dialin: DialinConfig | None = None) -> None:
         self.config = config
-        # Dial-in devices: their links are handed in by the dial-in server (attach()), not opened.
-        self.dialin = dialin
-        self._handover: Handover | None = None
-        self._handover_ready = trio.Event()
-        # Until the first lease on a newly connected dial-in device, what it sends is kept for it.
-        self._fresh = False
-        self._held = bytearray()
-        self.peer: str | None = None
-        self._last_received = 0.0
-        self._pinged = self._idle_logged = -1.0
         self.name = config.name
         self.state = State.OFFLINE
         self.counters = Counters()
@@ -183,13 +175,23 @@ class Device:
         # Why the link was closed from inside the proxy: a reason, or None when closed on purpose.
         self._link_close_reason: str | None = None
         # Set on every change an observer can see (state, holder, waiters, clients, refusals, dropped
-        # bytes); replaced after each set, so every waiter sees each change. Not set per forwarded chunk.
+        # bytes), and created only when someone waits for one. Not set per forwarded chunk.
         self._changed: trio.Event | None = None
         # release_port: set while a lease wants the link opened.
         self._demand = trio.Event()
         # reconnect_interval = 0 and the last open failed: waiters are refused at once.
         self._gave_up = False
         self._last_open_error = ""
+        # Dial-in devices: their links are handed in by the dial-in server (attach()), not opened.
+        self.dialin = dialin
+        self.peer: str | None = None
+        self._handover: Handover | None = None
+        self._handover_ready = trio.Event()
+        # Until the first lease on a newly connected dial-in device, what it sends is kept for it.
+        self._fresh = False
+        self._held = bytearray()
+        self._last_received = 0.0
+        self._pinged = self._idle_logged = -1.0
 
     # -- the supervisor --------------------------------------------------------------------------
 
@@ -421,9 +423,10 @@ class Device:
 
     def _set_state(self, state: State, why: str = "") -> None:
         if state != self.state and why:
-            retry = f"; {self._retry_note()}" if state == State.OFFLINE else ""
-            level = "WARNING" if state == State.OFFLINE else "INFO"
-            logger.log(level, "{}: {}{}", self.name, why, retry)
+            # A dial-in device that goes away is routine (it calls again); a configured one is news.
+            trouble = state == State.OFFLINE and self.dialin is None
+            retry = f"; {self._retry_note()}" if trouble else ""
+            logger.log("WARNING" if trouble else "INFO", "{}: {}{}", self.name, why, retry)
         self.state = state
         self._notify()
 
