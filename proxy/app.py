@@ -65,6 +65,7 @@ class Running:
         self.status: Address | None = None
         self.dialin: list[Address] = []
         self._dialin_devices: dict[str, Device] = {}
+        self._started = trio.Event()
         self._nursery = nursery
         self._runs: dict[str, _DeviceRun] = {}
 
@@ -75,6 +76,10 @@ class Running:
     @property
     def addresses(self) -> dict[str, list[Address]]:
         return {name: run.addresses for name, run in self._runs.items()}
+
+    async def device_started(self) -> None:
+        """Returns when the next device starts (one configured, reloaded or dialling in)."""
+        await self._started.wait()
 
     def devices_and_addresses(self) -> dict[str, tuple[Device, list[Address]]]:
         """What the status server shows: every running device with the addresses of its ports."""
@@ -87,6 +92,8 @@ class Running:
         run = _DeviceRun(Device(config, dialin), _bound_addresses(listeners))
         await self._nursery.start(self._run_device, run, listeners)
         self._runs[config.name] = run
+        self._started.set()
+        self._started = trio.Event()
         logger.info(
             "{}: {} ({}, {} sharing) on {}",
             config.name,

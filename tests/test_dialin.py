@@ -55,7 +55,7 @@ async def device_named(running, device_id: str):
             for device in running.devices.values():
                 if device.config.path == device_id and device.dialin is not None:
                     return device
-            await trio.sleep(0.005)
+            await running.device_started()
 
 
 async def direct_client(device) -> trio.SocketStream:
