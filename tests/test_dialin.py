@@ -13,6 +13,8 @@ import trio
 from proxy.config import parse
 from proxy.device import State
 from proxy.dialin.identify import IdentifyFailed, parse_id
+from proxy.simulators import serve_stream
+from proxy.simulators.custom import CustomRegister
 from proxy.status.snapshot import device_snapshot
 
 from helpers import WAIT_LIMIT, receive_exactly, receive_until_closed, running_proxy
@@ -239,3 +241,21 @@ def _raw_dialin(settings) -> dict:
         "direct_ports": f"{dialin.direct_ports[0]}-{dialin.direct_ports[1]}",
         "ping_after": 0,
     }
+
+
+async def test_a_dialin_register_is_shared_request_by_request(tmp_path):
+    settings = dialin_settings(tmp_path, protocol="custom", sharing="exchange")
+    beep, answer = bytes.fromhex("01 05 00 13 3F 42 0F 00 A8"), bytes.fromhex("06 01 04 00 13 00 00 63 7A")
+    async with running_proxy(settings) as running, trio.open_nursery() as nursery:
+        link = await modem(running, b"REGISTER7\n")
+        nursery.start_soon(serve_stream, link, CustomRegister())
+        device = await device_named(running, "REGISTER7")
+        await online(device)
+        async with await direct_client(device) as first, await direct_client(device) as second:
+            await first.send_all(beep)
+            await second.send_all(beep)
+            assert await receive_exactly(first, 9) == answer
+            assert await receive_exactly(second, 9) == answer
+        assert device.counters.exchanges["ok"] == 2
+        nursery.cancel_scope.cancel()
+    await link.aclose()
