@@ -12,6 +12,10 @@ from proxy import accept, wire
 from proxy.device import BROKEN, READ_SIZE, Device, Lease, LinkLost, Refused
 from proxy.exchanges import ClientGone, ExchangeClient
 
+# After a client's end-of-file, the device's answer is still passed on until it pauses this long.
+ANSWER_LINGER = 0.5
+CLOSED = "closed the connection"
+
 
 def peer_name(stream: trio.SocketStream) -> str:
     """'host:port' of the client at the other end of `stream`."""
@@ -97,6 +101,8 @@ async def _session(device: Device, stream: trio.SocketStream, client: str) -> No
                 if idle_timeout:
                     nursery.start_soon(_end_when_idle, lease, idle_timeout)
                 why = await _pump(stream, lease)
+                if why == CLOSED:
+                    await _drain_answer(lease)
                 nursery.cancel_scope.cancel()
         logger.info("{}: client {} {}", device.name, client, lease.ended or why)
 
@@ -110,11 +116,27 @@ async def _pump(stream: trio.SocketStream, lease: Lease) -> str:
         except BROKEN as exc:
             return f"connection failed: {exc}"
         if not data:
-            return "closed the connection"
+            return CLOSED
         try:
             await lease.send(data)
         except LinkLost as exc:
             return f"disconnected: link lost ({exc})"
+
+
+async def _drain_answer(lease: Lease) -> None:
+    """The client closed its sending side right after a request: the answer still reaches it.
+
+    A script that writes its request and half-closes (`printf ... | nc -N`) gets the answer, as socat
+    gives the other direction a moment after an end-of-file. When the device spoke last, the client
+    has had its answer and the device goes to the next client at once.
+    """
+    if lease.last_received >= lease.last_sent:
+        return
+    while True:
+        heard = lease.last_activity
+        await trio.sleep_until(heard + ANSWER_LINGER)
+        if lease.last_activity == heard:
+            return
 
 
 async def _end_when_idle(lease: Lease, idle_timeout: float) -> None:

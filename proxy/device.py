@@ -107,6 +107,8 @@ class Lease:
         self.cancel_scope = trio.CancelScope()
         self.ended: str | None = None
         self.last_activity = trio.current_time()
+        # When the client last sent to the device, and the device to the client.
+        self.last_sent = self.last_received = 0.0
         self._sink = sink
         self._link: trio.abc.Stream | None = None
         self._link_fd = -1
@@ -124,10 +126,10 @@ class Lease:
             device.reset_link(f"write failed: {exc}")
             raise LinkLost(f"write failed: {exc}") from None
         device.counters.bytes_to_device += len(data)
-        self.last_activity = trio.current_time()
+        self.last_activity = self.last_sent = trio.current_time()
 
     async def _deliver(self, data: bytes) -> None:
-        self.last_activity = trio.current_time()
+        self.last_activity = self.last_received = trio.current_time()
         try:
             await self._sink(data)
         except BROKEN as exc:

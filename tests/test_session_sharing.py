@@ -384,3 +384,19 @@ async def test_acquire_timeout_zero_takes_a_free_device_and_refuses_a_held_one()
             assert await receive_exactly(holder, 9) == bytes.fromhex("06 01 04 00 13 00 00 63 7A")
             async with await connect(running, "reg") as second:
                 assert await receive_until_closed(second) == b"\x15"
+
+
+async def test_a_client_that_half_closes_still_gets_the_answer():
+    tcp = TcpDevice()
+    async with trio.open_nursery() as nursery:
+        address = await nursery.start(tcp.serve)
+        settings = settings_for({"name": "dev", "type": "tcp", "path": str(address)})
+        async with running_proxy(settings) as running:
+            device_end = await tcp.next_connection()
+            async with await connect(running, "dev") as client:
+                await client.send_all(b"request")
+                await client.send_eof()
+                assert await receive_exactly(device_end, 7) == b"request"
+                await device_end.send_all(b"answer")
+                assert await receive_until_closed(client) == b"answer"
+        nursery.cancel_scope.cancel()
