@@ -203,6 +203,8 @@ class Running:
         if status_keys != (self.settings.proxy.status, self.settings.proxy.status_token):
             logger.warning("[proxy] status and status_token take effect at the next start")
         log.setup(settings.proxy)
+        for device in self.devices.values():
+            device.tracing = log.tracing()
         self.settings = attrs.evolve(
             settings, devices=tuple(config for config in new.values() if config.name in self._runs)
         )
