@@ -408,7 +408,7 @@ def _dialin_table(raw: dict[str, Any], problems: _Problems) -> DialinConfig:
     config = DialinConfig(**table.values)
     if not config.listen:
         table.fail("listen", "is empty: no device could connect")
-    if config.identify == "regex" and not config.identify_pattern:
+    if config.identify == "regex" and not raw.get("identify_pattern"):
         table.fail("identify_pattern", "is missing: identify = 'regex' needs a pattern with a group for the id")
     if config.identify == "fixed" and config.identify_length == 0:
         table.fail("identify_length", "is 0: identify = 'fixed' needs the number of bytes that form the id")

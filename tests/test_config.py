@@ -220,3 +220,74 @@ def test_unreadable_and_invalid_files_are_config_errors(tmp_path):
     binary.write_bytes(b"\xff\xfe\x00")
     with pytest.raises(ConfigError, match="is not UTF-8"):
         load(binary)
+
+
+def dialin(**keys) -> dict:
+    return {"proxy": {"status": ""}, "dialin": {"ping_after": 0, **keys}}
+
+
+def test_dialin_defaults_and_every_key_are_read():
+    assert parse({"proxy": {"status": ""}, "dialin": {"ping_bytes": "00"}}).dialin.direct_ports == (7500, 7999)
+    config = parse(
+        dialin(
+            listen=["0.0.0.0:11001", "0.0.0.0:11002"],
+            identify="regex",
+            identify_pattern=r"ID=(\w+);",
+            identify_timeout=10,
+            autoregister=False,
+            registry="/var/lib/devproxy/reg.sqlite3",
+            direct_ports="20000-20099",
+            protocol="iec61107",
+            sharing="exchange",
+            idle_after=30,
+            disconnect_after=600,
+            ping_after=60,
+            ping_bytes="2f 3f 21 0d 0a",
+            max_devices=100,
+            acquire_timeout=1,
+            busy_reply="auto",
+            max_clients=2,
+            allow=["10.0.0.0/8"],
+        )
+    ).dialin
+    assert config.direct_ports == (20000, 20099) and config.ping_bytes == b"/?!\r\n"
+    assert (config.identify, config.autoregister, config.max_devices, config.busy_reply) == (
+        "regex",
+        False,
+        100,
+        "auto",
+    )
+    device = config.device_config("METER1", "METER1", 20000)
+    assert (device.type, device.path, device.protocol, device.max_clients) == ("dialin", "METER1", "iec61107", 2)
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        (dialin(identify="magic"), "[dialin]: identify 'magic' is not one of line, regex, fixed, iec61107"),
+        (dialin(identify="regex"), "[dialin]: identify_pattern is missing"),
+        (dialin(identify="regex", identify_pattern="(unclosed"), "[dialin]: identify_pattern '(unclosed' is not a"),
+        (dialin(identify="regex", identify_pattern="ID"), "[dialin]: identify_pattern 'ID' has no group"),
+        (dialin(identify="fixed"), "[dialin]: identify_length is 0"),
+        (dialin(direct_ports="7999-7500"), "[dialin]: direct_ports '7999-7500' is not a port range"),
+        (dialin(direct_ports="lots"), "[dialin]: direct_ports 'lots' is not a port range"),
+        (dialin(ping_after=60), "[dialin]: ping_bytes is empty but ping_after = 60"),
+        (dialin(listen=[]), "[dialin]: listen is empty"),
+        (dialin(max_devices=0), "[dialin]: max_devices 0 is not >= 1"),
+        (dialin(registry=""), "[dialin]: registry '' is a string, expected a file path"),
+        (dialin(colour="red"), "[dialin]: unknown key 'colour' = 'red'"),
+        (dialin(busy_reply="auto"), "[dialin]: busy_reply 'auto' answers a refused request"),
+        (dialin(direct_ports="8000-8700"), "[dialin]: direct_ports 8000-8700 holds port 8600 of [proxy] status"),
+        ({"dialin": "on"}, "[dialin]: must be a table"),
+    ],
+)
+def test_each_bad_dialin_value_is_one_problem(raw, expected):
+    if expected.startswith("[dialin]: direct_ports 8000-8700"):
+        raw = {**raw, "proxy": {"status": "127.0.0.1:8600"}}
+    problem = one_problem(raw)
+    assert problem.startswith(expected), problem
+
+
+def test_a_device_port_inside_the_direct_ports_is_a_clash():
+    problems = problems_of({**dialin(), "device": [{**GOOD_DEVICE, "listen": ["127.0.0.1:7600"]}]})
+    assert problems == ["device 'fptr1': listen '127.0.0.1:7600' is in [dialin] direct_ports"]
