@@ -7,6 +7,7 @@ import trio
 
 from proxy.cli import build_parser
 from proxy.config import Address
+from proxy.protocols import atol3
 from proxy.send import SendError, exchange
 from proxy.simulators import serve_tcp
 from proxy.simulators.base import NO_FAULTS, Faults
@@ -78,3 +79,17 @@ async def test_a_busy_device_answers_with_its_busy_error():
         lines = await exchange(address, "custom", send_args(address, "custom", ["--command", "beep"]))
         assert "error 3503" in lines[-1]
         nursery.cancel_scope.cancel()
+
+
+async def test_an_atol3_async_task_keeps_the_device_until_its_result_and_the_hosts_ack():
+    settings = settings_for({"name": "kkt", "type": "simulator", "protocol": "atol3", "sharing": "exchange"})
+    async with running_proxy(settings) as running:
+        address = running.addresses["kkt"][0]
+        add = atol3.build_packet(7, bytes((atol3.ADD, atol3.ASYNC_FLAG | 0x01, 9)) + bytes.fromhex("00 00 47"))
+        args = send_args(address, "atol3", ["--hex", add.hex()])
+        lines = await exchange(address, "atol3", args)
+        statuses = [line.split("status ")[1] for line in lines if line.startswith("packet")]
+        assert statuses == ["A1", "A6", "A1"]  # pending, the async result (ID F0), then the answer to C2
+        device = running.devices["kkt"]
+        assert device.counters.exchanges == {"ok": 1}
+        assert device.counters.unsolicited_bytes == 0
