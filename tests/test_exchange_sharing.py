@@ -12,7 +12,7 @@ from proxy.protocols.custom import Framer, build_frame, decode
 from proxy.simulators import serve_stream
 from proxy.simulators.custom import CustomRegister
 
-from helpers import PtyDevice, connect, receive_exactly, receive_until_closed, running_proxy, settings_for, wait_for
+from helpers import connect, receive_exactly, receive_until_closed, running_proxy, settings_for, wait_for
 
 H = bytes.fromhex
 BEEP = H("01 05 00 13 3F 42 0F 00 A8")
@@ -49,8 +49,7 @@ async def read_frames(stream: trio.SocketStream, count: int) -> list[bytes]:
     return frames
 
 
-async def test_fifty_clients_each_get_exactly_their_own_answers_in_order(tmp_path):
-    pty = PtyDevice(tmp_path / "ttyECR")
+async def test_fifty_clients_each_get_exactly_their_own_answers_in_order(pty):
     device_end = pty.plug()
     async with trio.open_nursery() as nursery:
         nursery.start_soon(serve_stream, device_end, EchoingRegister())
@@ -71,11 +70,9 @@ async def test_fifty_clients_each_get_exactly_their_own_answers_in_order(tmp_pat
                     clients.start_soon(client, number)
             assert device.counters.exchanges["ok"] == 1000
         nursery.cancel_scope.cancel()
-    await pty.unplug()
 
 
-async def test_the_ack_reaches_the_client_before_the_rest_of_the_answer(tmp_path):
-    pty = PtyDevice(tmp_path / "ttyACK")
+async def test_the_ack_reaches_the_client_before_the_rest_of_the_answer(pty):
     device_end = pty.plug()
     async with running_proxy(settings_for(exchange_settings(pty.path))) as running:
         await wait_for(running.devices["ecr"], lambda: running.devices["ecr"].state == State.IDLE)
@@ -86,11 +83,9 @@ async def test_the_ack_reaches_the_client_before_the_rest_of_the_answer(tmp_path
             assert await receive_exactly(client, 1) == H("06")
             await device_end.send_all(BEEP_ANSWER[1:])
             assert await receive_exactly(client, 8) == BEEP_ANSWER[1:]
-    await pty.unplug()
 
 
-async def test_a_device_that_never_answers_fails_only_that_request(tmp_path):
-    pty = PtyDevice(tmp_path / "ttyMUTE")
+async def test_a_device_that_never_answers_fails_only_that_request(pty):
     device_end = pty.plug()
     settings = settings_for(
         exchange_settings(pty.path, response_timeout=0.2, reconnect_interval=0.01, acquire_timeout=30)
@@ -114,11 +109,9 @@ async def test_a_device_that_never_answers_fails_only_that_request(tmp_path):
             assert await receive_exactly(device_end, 9) == BEEP
             await device_end.send_all(BEEP_ANSWER)
             assert await receive_exactly(unlucky, 9) == BEEP_ANSWER
-    await pty.unplug()
 
 
-async def test_a_client_that_leaves_mid_exchange_does_not_leak_its_answer_to_the_next(tmp_path):
-    pty = PtyDevice(tmp_path / "ttyLEAVE")
+async def test_a_client_that_leaves_mid_exchange_does_not_leak_its_answer_to_the_next(pty):
     device_end = pty.plug()
     async with running_proxy(settings_for(exchange_settings(pty.path, acquire_timeout=30))) as running:
         device = running.devices["ecr"]
@@ -138,11 +131,9 @@ async def test_a_client_that_leaves_mid_exchange_does_not_leak_its_answer_to_the
             status_answer = H("06") + build_frame(0x01, H("00 00 63 00 01"))
             await device_end.send_all(status_answer)
             assert await receive_exactly(staying, len(status_answer)) == status_answer
-    await pty.unplug()
 
 
-async def test_a_refused_request_gets_the_registers_own_busy_answer_and_the_client_stays(tmp_path):
-    pty = PtyDevice(tmp_path / "ttyBUSY")
+async def test_a_refused_request_gets_the_registers_own_busy_answer_and_the_client_stays(pty):
     device_end = pty.plug()
     settings = settings_for(exchange_settings(pty.path, acquire_timeout=0.05, busy_reply="auto"))
     async with running_proxy(settings) as running:
@@ -162,11 +153,9 @@ async def test_a_refused_request_gets_the_registers_own_busy_answer_and_the_clie
             await device_end.send_all(BEEP_ANSWER)
             assert await receive_exactly(refused, 9) == BEEP_ANSWER
             assert device.counters.exchanges["refused"] == 1
-    await pty.unplug()
 
 
-async def test_a_corrupt_frame_is_naked_by_the_proxy_and_never_reaches_the_device(tmp_path):
-    pty = PtyDevice(tmp_path / "ttyNAK")
+async def test_a_corrupt_frame_is_naked_by_the_proxy_and_never_reaches_the_device(pty):
     device_end = pty.plug()
     async with running_proxy(settings_for(exchange_settings(pty.path))) as running:
         await wait_for(running.devices["ecr"], lambda: running.devices["ecr"].state == State.IDLE)
@@ -175,11 +164,9 @@ async def test_a_corrupt_frame_is_naked_by_the_proxy_and_never_reaches_the_devic
             assert await receive_exactly(device_end, 9) == BEEP
             await device_end.send_all(BEEP_ANSWER)
             assert await receive_exactly(client, 10) == H("15") + BEEP_ANSWER
-    await pty.unplug()
 
 
-async def test_raw_exchanges_end_in_frame_gap_silence(tmp_path):
-    pty = PtyDevice(tmp_path / "ttyRAW")
+async def test_raw_exchanges_end_in_frame_gap_silence(pty):
     device_end = pty.plug()
     settings = settings_for(
         {"name": "raw", "type": "serial", "path": str(pty.path), "sharing": "exchange", "frame_gap": 0.05}
@@ -198,11 +185,9 @@ async def test_raw_exchanges_end_in_frame_gap_silence(tmp_path):
             await device_end.send_all(b"done")
             assert await receive_exactly(second, 4) == b"done"
             await wait_for(device, lambda: device.counters.exchanges["ok"] == 2)
-    await pty.unplug()
 
 
-async def test_link_lost_mid_exchange_fails_the_request_and_keeps_the_client(tmp_path):
-    pty = PtyDevice(tmp_path / "ttyGONE")
+async def test_link_lost_mid_exchange_fails_the_request_and_keeps_the_client(pty):
     device_end = pty.plug()
     settings = settings_for(exchange_settings(pty.path, reconnect_interval=0.01, acquire_timeout=30))
     async with running_proxy(settings) as running:
@@ -220,11 +205,9 @@ async def test_link_lost_mid_exchange_fails_the_request_and_keeps_the_client(tmp
             assert await receive_exactly(device_end, 9) == BEEP
             await device_end.send_all(BEEP_ANSWER)
             assert await receive_exactly(client, 9) == BEEP_ANSWER
-    await pty.unplug()
 
 
-async def test_a_refused_client_with_no_busy_answer_is_disconnected_and_others_go_on(tmp_path, log_lines):
-    pty = PtyDevice(tmp_path / "ttySHTRIH")
+async def test_a_refused_client_with_no_busy_answer_is_disconnected_and_others_go_on(pty, log_lines):
     device_end = pty.plug()
     settings = settings_for(
         {
@@ -249,6 +232,5 @@ async def test_a_refused_client_with_no_busy_answer_is_disconnected_and_others_g
             assert await receive_exactly(holder, 1) == H("15")
             await holder.send_all(H("05"))
             assert await receive_exactly(device_end, 1) == H("05")
-    await pty.unplug()
     assert any("closing the connection (no busy answer to give)" in line for line in log_lines)
     assert not any("unexpected error" in line for line in log_lines)

@@ -10,8 +10,6 @@ import trio
 from proxy.device import State
 
 from helpers import (
-    PtyDevice,
-    TcpDevice,
     connect,
     receive_exactly,
     receive_until_closed,
@@ -38,8 +36,7 @@ async def exchange_both_ways(client: trio.SocketStream, device: trio.abc.Stream,
 
 
 @pytest.mark.parametrize("size", SIZES)
-async def test_serial_device_on_a_pty_passes_bytes_both_ways_unchanged(tmp_path, size):
-    pty = PtyDevice(tmp_path / "ttyFPTR")
+async def test_serial_device_on_a_pty_passes_bytes_both_ways_unchanged(pty, size):
     device_end = pty.plug()
     settings = settings_for({"name": "fptr", "type": "serial", "path": str(pty.path)})
     async with running_proxy(settings) as running:
@@ -47,21 +44,16 @@ async def test_serial_device_on_a_pty_passes_bytes_both_ways_unchanged(tmp_path,
         pty.release_slave()
         async with await connect(running, "fptr") as client:
             await exchange_both_ways(client, device_end, size)
-    await pty.unplug()
 
 
 @pytest.mark.parametrize("size", SIZES)
-async def test_tcp_device_passes_bytes_both_ways_unchanged(size):
-    tcp = TcpDevice()
-    async with trio.open_nursery() as nursery:
-        address = await nursery.start(tcp.serve)
-        settings = settings_for({"name": "printer", "type": "tcp", "path": str(address)})
-        async with running_proxy(settings) as running:
-            device_end = await tcp.next_connection()
-            async with await connect(running, "printer") as client:
-                await wait_for(running.devices["printer"], lambda: running.devices["printer"].state == State.BUSY)
-                await exchange_both_ways(client, device_end, size)
-        nursery.cancel_scope.cancel()
+async def test_tcp_device_passes_bytes_both_ways_unchanged(size, tcp_device):
+    settings = settings_for({"name": "printer", "type": "tcp", "path": str(tcp_device.address)})
+    async with running_proxy(settings) as running:
+        device_end = await tcp_device.next_connection()
+        async with await connect(running, "printer") as client:
+            await wait_for(running.devices["printer"], lambda: running.devices["printer"].state == State.BUSY)
+            await exchange_both_ways(client, device_end, size)
 
 
 async def test_second_client_is_refused_with_busy_reply_after_acquire_timeout():
@@ -96,33 +88,28 @@ async def test_a_refused_client_gets_the_busy_reply_even_with_an_unread_request(
             assert await receive_until_closed(second) == b"\xaa"
 
 
-async def test_waiting_clients_get_the_device_in_arrival_order():
-    tcp = TcpDevice()
-    async with trio.open_nursery() as nursery:
-        address = await nursery.start(tcp.serve)
-        settings = settings_for({"name": "dev", "type": "tcp", "path": str(address), "acquire_timeout": 30})
-        async with running_proxy(settings) as running:
-            device = running.devices["dev"]
-            device_end = await tcp.next_connection()
-            first = await connect(running, "dev")
-            await wait_for(device, lambda: device.state == State.BUSY)
-            waiters = []
-            for number in range(3):
-                waiter = await connect(running, "dev")
-                await waiter.send_all(b"waiter %d" % number)
-                await wait_for(device, lambda n=number: device.waiting == n + 1)
-                waiters.append(waiter)
-            await first.aclose()
-            for number, waiter in enumerate(waiters):
-                assert await receive_exactly(device_end, 8) == b"waiter %d" % number
-                await device_end.send_all(b"you are %d" % number)
-                assert await receive_exactly(waiter, 9) == b"you are %d" % number
-                await waiter.aclose()
-        nursery.cancel_scope.cancel()
+async def test_waiting_clients_get_the_device_in_arrival_order(tcp_device):
+    settings = settings_for({"name": "dev", "type": "tcp", "path": str(tcp_device.address), "acquire_timeout": 30})
+    async with running_proxy(settings) as running:
+        device = running.devices["dev"]
+        device_end = await tcp_device.next_connection()
+        first = await connect(running, "dev")
+        await wait_for(device, lambda: device.state == State.BUSY)
+        waiters = []
+        for number in range(3):
+            waiter = await connect(running, "dev")
+            await waiter.send_all(b"waiter %d" % number)
+            await wait_for(device, lambda n=number: device.waiting == n + 1)
+            waiters.append(waiter)
+        await first.aclose()
+        for number, waiter in enumerate(waiters):
+            assert await receive_exactly(device_end, 8) == b"waiter %d" % number
+            await device_end.send_all(b"you are %d" % number)
+            assert await receive_exactly(waiter, 9) == b"you are %d" % number
+            await waiter.aclose()
 
 
-async def test_client_waiting_for_an_absent_device_is_served_once_it_appears(tmp_path):
-    pty = PtyDevice(tmp_path / "ttyLATE")
+async def test_client_waiting_for_an_absent_device_is_served_once_it_appears(pty):
     settings = settings_for(
         {
             "name": "late",
@@ -142,11 +129,9 @@ async def test_client_waiting_for_an_absent_device_is_served_once_it_appears(tmp
             assert await receive_exactly(device_end, 5) == b"hello"
             await device_end.send_all(b"world")
             assert await receive_exactly(client, 5) == b"world"
-    await pty.unplug()
 
 
-async def test_link_lost_disconnects_the_holder_and_the_next_client_is_served_after_reconnect(tmp_path):
-    pty = PtyDevice(tmp_path / "ttyLOST")
+async def test_link_lost_disconnects_the_holder_and_the_next_client_is_served_after_reconnect(pty):
     pty.plug()
     settings = settings_for(
         {
@@ -171,11 +156,9 @@ async def test_link_lost_disconnects_the_holder_and_the_next_client_is_served_af
         async with await connect(running, "lost") as client:
             await client.send_all(b"again")
             assert await receive_exactly(device_end, 5) == b"again"
-    await pty.unplug()
 
 
-async def test_bytes_sent_after_a_lease_ended_never_reach_the_next_client(tmp_path):
-    pty = PtyDevice(tmp_path / "ttySTALE")
+async def test_bytes_sent_after_a_lease_ended_never_reach_the_next_client(pty):
     device_end = pty.plug()
     settings = settings_for({"name": "stale", "type": "serial", "path": str(pty.path)})
     async with running_proxy(settings) as running:
@@ -192,27 +175,22 @@ async def test_bytes_sent_after_a_lease_ended_never_reach_the_next_client(tmp_pa
             assert await receive_exactly(device_end, 4) == b"ping"
             await device_end.send_all(b"pong")
             assert await receive_exactly(second, 4) == b"pong"
-    await pty.unplug()
 
 
-async def test_bytes_buffered_before_a_lease_are_discarded_when_it_starts():
-    tcp = TcpDevice()
-    async with trio.open_nursery() as nursery:
-        address = await nursery.start(tcp.serve)
-        settings = settings_for({"name": "buf", "type": "tcp", "path": str(address)})
-        async with running_proxy(settings) as running:
-            device = running.devices["buf"]
-            device_end = await tcp.next_connection()
-            await wait_for(device, lambda: device.state == State.IDLE)
-            await device_end.send_all(b"x" * 100_000)
-            async with await connect(running, "buf") as client:
-                await wait_for(device, lambda: device.state == State.BUSY)
-                await client.send_all(b"q")
-                assert await receive_exactly(device_end, 1) == b"q"
-                assert device.counters.unsolicited_bytes == 100_000
-                await device_end.send_all(b"answer")
-                assert await receive_exactly(client, 6) == b"answer"
-        nursery.cancel_scope.cancel()
+async def test_bytes_buffered_before_a_lease_are_discarded_when_it_starts(tcp_device):
+    settings = settings_for({"name": "buf", "type": "tcp", "path": str(tcp_device.address)})
+    async with running_proxy(settings) as running:
+        device = running.devices["buf"]
+        device_end = await tcp_device.next_connection()
+        await wait_for(device, lambda: device.state == State.IDLE)
+        await device_end.send_all(b"x" * 100_000)
+        async with await connect(running, "buf") as client:
+            await wait_for(device, lambda: device.state == State.BUSY)
+            await client.send_all(b"q")
+            assert await receive_exactly(device_end, 1) == b"q"
+            assert device.counters.unsolicited_bytes == 100_000
+            await device_end.send_all(b"answer")
+            assert await receive_exactly(client, 6) == b"answer"
 
 
 async def test_client_outside_allow_is_closed_without_a_reply():
@@ -261,24 +239,20 @@ async def test_client_over_max_clients_is_refused_at_once_with_busy_reply():
             assert device.counters.refused["too many clients"] == 1
 
 
-async def test_release_port_opens_the_device_per_lease_and_closes_it_after():
-    tcp = TcpDevice()
-    async with trio.open_nursery() as nursery:
-        address = await nursery.start(tcp.serve)
-        settings = settings_for({"name": "rp", "type": "tcp", "path": str(address), "release_port": True})
-        async with running_proxy(settings) as running:
-            device = running.devices["rp"]
-            assert tcp.accepted == 0
-            for round_number in range(2):
-                async with await connect(running, "rp") as client:
-                    device_end = await tcp.next_connection()
-                    await client.send_all(b"round %d" % round_number)
-                    assert await receive_exactly(device_end, 7) == b"round %d" % round_number
-                assert await receive_until_closed(device_end) == b""
-                await wait_for(device, lambda: device.holder is None)
-            assert tcp.accepted == 2
-            assert device.state == State.IDLE
-        nursery.cancel_scope.cancel()
+async def test_release_port_opens_the_device_per_lease_and_closes_it_after(tcp_device):
+    settings = settings_for({"name": "rp", "type": "tcp", "path": str(tcp_device.address), "release_port": True})
+    async with running_proxy(settings) as running:
+        device = running.devices["rp"]
+        assert tcp_device.accepted == 0
+        for round_number in range(2):
+            async with await connect(running, "rp") as client:
+                device_end = await tcp_device.next_connection()
+                await client.send_all(b"round %d" % round_number)
+                assert await receive_exactly(device_end, 7) == b"round %d" % round_number
+            assert await receive_until_closed(device_end) == b""
+            await wait_for(device, lambda: device.holder is None)
+        assert tcp_device.accepted == 2
+        assert device.state == State.IDLE
 
 
 async def test_silent_client_loses_the_device_after_idle_timeout():
@@ -330,28 +304,23 @@ async def test_reconnect_interval_zero_gives_up_and_refuses_at_once(tmp_path):
         assert running.devices["once"].counters.refused["offline"] == 1
 
 
-async def test_one_client_vanishing_mid_transfer_does_not_disturb_the_next():
-    tcp = TcpDevice()
-    async with trio.open_nursery() as nursery:
-        address = await nursery.start(tcp.serve)
-        settings = settings_for({"name": "dev", "type": "tcp", "path": str(address)})
-        async with running_proxy(settings) as running:
-            device = running.devices["dev"]
-            device_end = await tcp.next_connection()
-            client = await connect(running, "dev")
-            await wait_for(device, lambda: device.state == State.BUSY)
-            client.socket.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
-            await client.aclose()
-            await device_end.send_all(b"z" * 200_000)
-            await wait_for(device, lambda: device.holder is None)
-            async with await connect(running, "dev") as second:
-                await second.send_all(b"ok?")
-                assert await receive_exactly(device_end, 3) == b"ok?"
-        nursery.cancel_scope.cancel()
+async def test_one_client_vanishing_mid_transfer_does_not_disturb_the_next(tcp_device):
+    settings = settings_for({"name": "dev", "type": "tcp", "path": str(tcp_device.address)})
+    async with running_proxy(settings) as running:
+        device = running.devices["dev"]
+        device_end = await tcp_device.next_connection()
+        client = await connect(running, "dev")
+        await wait_for(device, lambda: device.state == State.BUSY)
+        client.socket.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        await client.aclose()
+        await device_end.send_all(b"z" * 200_000)
+        await wait_for(device, lambda: device.holder is None)
+        async with await connect(running, "dev") as second:
+            await second.send_all(b"ok?")
+            assert await receive_exactly(device_end, 3) == b"ok?"
 
 
-async def test_release_port_retries_the_open_while_a_client_waits(tmp_path):
-    pty = PtyDevice(tmp_path / "ttyRP")
+async def test_release_port_retries_the_open_while_a_client_waits(pty):
     settings = settings_for(
         {
             "name": "rp",
@@ -369,7 +338,6 @@ async def test_release_port_retries_the_open_while_a_client_waits(tmp_path):
             await wait_for(device, lambda: device.counters.link_opens == 0 and device.state == State.OFFLINE)
             device_end = pty.plug()
             assert await receive_exactly(device_end, 5) == b"first"
-    await pty.unplug()
 
 
 async def test_acquire_timeout_zero_takes_a_free_device_and_refuses_a_held_one():
@@ -386,17 +354,13 @@ async def test_acquire_timeout_zero_takes_a_free_device_and_refuses_a_held_one()
                 assert await receive_until_closed(second) == b"\x15"
 
 
-async def test_a_client_that_half_closes_still_gets_the_answer():
-    tcp = TcpDevice()
-    async with trio.open_nursery() as nursery:
-        address = await nursery.start(tcp.serve)
-        settings = settings_for({"name": "dev", "type": "tcp", "path": str(address)})
-        async with running_proxy(settings) as running:
-            device_end = await tcp.next_connection()
-            async with await connect(running, "dev") as client:
-                await client.send_all(b"request")
-                await client.send_eof()
-                assert await receive_exactly(device_end, 7) == b"request"
-                await device_end.send_all(b"answer")
-                assert await receive_until_closed(client) == b"answer"
-        nursery.cancel_scope.cancel()
+async def test_a_client_that_half_closes_still_gets_the_answer(tcp_device):
+    settings = settings_for({"name": "dev", "type": "tcp", "path": str(tcp_device.address)})
+    async with running_proxy(settings) as running:
+        device_end = await tcp_device.next_connection()
+        async with await connect(running, "dev") as client:
+            await client.send_all(b"request")
+            await client.send_eof()
+            assert await receive_exactly(device_end, 7) == b"request"
+            await device_end.send_all(b"answer")
+            assert await receive_until_closed(client) == b"answer"
