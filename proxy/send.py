@@ -74,6 +74,15 @@ class Conversation:
             return await self.next()
         return event
 
+    async def reply(self, nak: str) -> Event:
+        """The device's answer: a frame or a control byte (named in the lines); SendError with `nak` on NAK."""
+        event = await self.next()
+        if isinstance(event, Control) and event.byte == 0x15:
+            raise SendError(nak)
+        if isinstance(event, Control):
+            self.lines.append(NAMES.get(event.byte, f"{event.byte:02X}"))
+        return event
+
     async def expect_control(self, byte: int, what: str) -> None:
         event = await self.next()
         if not isinstance(event, Control) or event.byte != byte:
@@ -123,11 +132,8 @@ async def send_custom(talk: Conversation, args: argparse.Namespace) -> None:
     else:
         raise SendError(f"--command {args.command!r} is not one of {', '.join(CUSTOM_COMMANDS)} (or give --hex)")
     await talk.send(request)
-    event = await talk.next()
-    if isinstance(event, Control) and event.byte == custom.NAK:
-        raise SendError("NAK: the device rejected the frame (bad checksum or length)")
+    event = await talk.reply("NAK: the device rejected the frame (bad checksum or length)")
     if isinstance(event, Control):
-        talk.lines.append(NAMES.get(event.byte, f"{event.byte:02X}"))
         event = await talk.next()
     if not isinstance(event, Frame):
         raise SendError(f"expected a response frame, got {_describe(event)}")
@@ -219,11 +225,8 @@ async def send_dle(talk: Conversation, args: argparse.Namespace) -> None:
     else:
         raise SendError("DLE needs --keys (or --hex)")
     await talk.send(request)
-    event = await talk.next()
-    if isinstance(event, Control) and event.byte == dle.NAK:
-        raise SendError("NAK: the register rejected the message")
+    event = await talk.reply("NAK: the register rejected the message")
     if isinstance(event, Control):
-        talk.lines.append(NAMES.get(event.byte, f"{event.byte:02X}"))
         return
     message = _decoded(dle.decode, event.raw)
     talk.lines.append(f"frame {event.raw.hex(' ')}: NUM {message.num}, ID {message.node}, COD {chr(message.code)!r}")

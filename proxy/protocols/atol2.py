@@ -56,9 +56,7 @@ class Framer(ScanningFramer):
     """
 
     starts = frozenset((STX,))
-
-    def __init__(self) -> None:
-        super().__init__(CONTROLS)
+    controls = frozenset(CONTROLS)
 
     def _frame_size(self, position: int) -> int | None:
         buffer, index = self._buffer, position + 1

@@ -52,9 +52,7 @@ class Framer(ScanningFramer):
     """DLE STX to DLE ETX plus exactly one byte; DLE DLE is a literal 10."""
 
     starts = frozenset((DLE,))
-
-    def __init__(self) -> None:
-        super().__init__(CONTROLS)
+    controls = frozenset(CONTROLS)
 
     def _frame_size(self, position: int) -> int | None:
         buffer = self._buffer

@@ -10,16 +10,18 @@ from proxy.protocols import Control, Event, Frame, Junk
 class ScanningFramer:
     """Scans a byte buffer left to right, asking the protocol at each frame-start byte how long the frame is.
 
-    A subclass sets `starts` (the bytes a frame can begin with) and implements _frame_size(). Bytes in
-    `controls` outside a frame are Control events; everything else outside a frame is Junk, merged per
+    A subclass sets `starts` (the bytes a frame can begin with) and `controls`, and implements
+    _frame_size(); `controls` may also be given per instance. Bytes in `controls` outside a frame are
+    Control events; everything else outside a frame is Junk, merged per
     run. Consumed bytes leave the buffer, so it holds at most one partial frame after a feed(); frames
     are bounded by each protocol's maximum, which bounds the rescanning of a partial frame too.
     """
 
     starts: frozenset[int] = frozenset()
+    controls: frozenset[int] = frozenset()
 
-    def __init__(self, controls: Iterable[int] = ()) -> None:
-        self._controls = frozenset(controls)
+    def __init__(self, controls: Iterable[int] | None = None) -> None:
+        self._controls = self.controls if controls is None else frozenset(controls)
         self._buffer = bytearray()
 
     def feed(self, data: bytes) -> list[Event]:

@@ -51,9 +51,7 @@ class Framer(ScanningFramer):
     """Length-driven frames; a candidate whose LRC fails is a false start and is rescanned."""
 
     starts = frozenset((STX,))
-
-    def __init__(self) -> None:
-        super().__init__(CONTROLS)
+    controls = frozenset(CONTROLS)
 
     def _frame_size(self, position: int) -> int | None:
         buffer = self._buffer
