@@ -12,7 +12,7 @@ from functools import reduce
 from operator import xor
 
 from proxy.protocols import Control, DeviceProtocol, Event, Exchange, Frame, ProtocolError
-from proxy.protocols.framing import ScanningFramer
+from proxy.protocols.framing import ScanningFramer, Seeker
 
 STX, ETX, EOT, ENQ, ACK, DLE, NAK = 0x02, 0x03, 0x04, 0x05, 0x06, 0x10, 0x15
 CONTROLS = (EOT, ENQ, ACK, NAK)
@@ -48,31 +48,50 @@ def decode(frame: bytes) -> bytes:
     return unstuff(frame[1:-2])
 
 
+def _unescaped_etx(buffer: bytearray, start: int, end: int) -> tuple[int, int]:
+    """The first ETX in buffer[start:end] that no DLE escapes.
+
+    Whether an ETX is escaped depends only on the run of DLEs right before it (odd: escaped), and that
+    run never reaches back past a frame's STX, so the answer holds for every candidate before it.
+    """
+    index = start
+    while (etx := buffer.find(ETX, index, end)) >= 0:
+        before = etx - 1
+        while before >= 0 and buffer[before] == DLE:
+            before -= 1
+        if (etx - 1 - before) % 2 == 0:
+            return etx, etx
+        index = etx + 1
+    return -1, end
+
+
 class Framer(ScanningFramer):
     """STX to the first unescaped ETX, plus the CRC byte.
 
-    The end is found by the stuffing alone; the CRC then tells a frame from a false start (an STX in
-    line noise), which is rescanned so that a frame behind it is not lost.
+    The end is found by the stuffing alone; the CRC (a running XOR, O(1) a candidate) then tells a
+    frame from a false start (an STX in line noise), which is rescanned so that a frame behind it is
+    not lost.
     """
 
     starts = frozenset((STX,))
     controls = frozenset(CONTROLS)
+    max_frame = MAX_FRAME
+    prefix = xor
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._etx = Seeker(_unescaped_etx)
+        self._seekers.append(self._etx)
 
     def _frame_size(self, position: int) -> int | None:
-        buffer, index = self._buffer, position + 1
-        while index < len(buffer) and index - position < MAX_FRAME:
-            byte = buffer[index]
-            if byte == DLE:
-                index += 2
-            elif byte == ETX:
-                if index + 1 >= len(buffer):
-                    return None
-                size = index + 2 - position
-                valid = reduce(xor, buffer[position + 1 : index + 1], 0) == buffer[index + 1]
-                return size if valid else 0
-            else:
-                index += 1
-        return None if index - position < MAX_FRAME else 0
+        buffer = self._buffer
+        limit = min(len(buffer), position + MAX_FRAME - 1)
+        etx = self._etx.first(buffer, position + 1, limit)
+        if etx < 0:
+            return 0 if limit - position >= MAX_FRAME - 1 else None
+        if etx + 1 >= len(buffer):
+            return None
+        return etx + 2 - position if self.prefix_of(position + 1, etx + 1) == buffer[etx + 1] else 0
 
 
 class Atol2Exchange(Exchange):

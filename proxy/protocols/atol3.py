@@ -64,26 +64,58 @@ def _unescape(data: bytes) -> bytes:
 
 
 class Framer(ScanningFramer):
-    """FE starts a packet; LEN counts unescaped data bytes, so the escapes are walked to find the end."""
+    """FE starts a packet; LEN counts unescaped data bytes, so the escapes are walked to find the end.
+
+    FE is always escaped inside a packet, so a raw FE cuts the candidate short and is the next
+    candidate: walks never overlap. Runs without FD are stepped over with bytes.find, and a packet that
+    arrives in pieces resumes its walk where the last piece ended, so the work stays O(n).
+    """
 
     starts = frozenset((START,))
+    max_frame = 4 + 2 * (MAX_DATA + 1)
+
+    def __init__(self) -> None:
+        super().__init__()
+        # (candidate position, index reached, unescaped bytes still wanted) of a packet cut by a feed.
+        self._walk: tuple[int, int, int] | None = None
+
+    def _consumed(self, count: int) -> None:
+        if self._walk is not None:
+            position, index, wanted = self._walk
+            self._walk = (position - count, index - count, wanted) if position >= count else None
 
     def _frame_size(self, position: int) -> int | None:
         buffer = self._buffer
         if len(buffer) - position < 4:
             return None
-        if buffer[position + 1] > 0x7F or buffer[position + 2] > 0x7F:
+        if buffer[position + 1] > 0x7F or buffer[position + 2] > 0x7F or buffer[position + 3] == START:
             return 0
-        wanted = (buffer[position + 1] | buffer[position + 2] << 7) + 1  # DATA and CRC
-        index = position + 4
-        while wanted:
-            if index >= len(buffer):
-                return None
-            if buffer[index] == START:
+        if self._walk is not None and self._walk[0] == position:
+            _, index, wanted = self._walk
+        else:
+            index, wanted = position + 4, (buffer[position + 1] | buffer[position + 2] << 7) + 1  # DATA and CRC
+        length = len(buffer)
+        while wanted and index < length:
+            stop = min(length, index + wanted)
+            escape = buffer.find(ESCAPE, index, stop)
+            plain_end = stop if escape < 0 else escape
+            if buffer.find(START, index, plain_end) >= 0:
                 return 0  # FE is always escaped inside a packet: this one was cut short
-            index += 2 if buffer[index] == ESCAPE else 1
+            wanted -= plain_end - index
+            index = plain_end
+            if escape < 0:
+                continue
+            if index + 1 >= length:
+                break
+            if buffer[index + 1] == START:
+                return 0
+            index += 2
             wanted -= 1
-        return index - position if index <= len(buffer) else None
+        if wanted:
+            self._walk = (position, index, wanted)
+            return None
+        self._walk = None
+        return index - position
 
 
 class Atol3Exchange(Exchange):

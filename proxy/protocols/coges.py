@@ -9,7 +9,7 @@ press is "00002" + the key's code here, a price "000032" + 4 hex digits, a manag
 from __future__ import annotations
 
 from proxy.protocols import DeviceProtocol, ProtocolError
-from proxy.protocols.framing import ScanningFramer
+from proxy.protocols.framing import ScanningFramer, Seeker, pattern_finder
 
 OPEN, CLOSE = ord("<"), ord(">")
 MAX_PAYLOAD = 256
@@ -56,24 +56,32 @@ def manager_code_payload(code: str) -> str:
 
 
 class Framer(ScanningFramer):
-    """'<', printable ASCII, '>', two hex digits; CR, LF and anything else between envelopes is Junk."""
+    """'<', printable ASCII, '>', two hex digits; CR, LF and anything else between envelopes is Junk.
+
+    The first byte after a '<' that cannot be payload decides: '>' ends the envelope, anything else
+    (another '<' among it) proves the start false. A Seeker finds it, so no byte is looked at twice.
+    """
 
     starts = frozenset((OPEN,))
+    max_frame = MAX_PAYLOAD + 4
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._stop = Seeker(pattern_finder(rb"[^\x20-\x3b\x3d\x3f-\x7e]"))
+        self._seekers.append(self._stop)
 
     def _frame_size(self, position: int) -> int | None:
         buffer = self._buffer
-        index = position + 1
-        while index < len(buffer) and index - position <= MAX_PAYLOAD:
-            byte = buffer[index]
-            if byte == CLOSE:
-                if len(buffer) - index < 3:
-                    return None
-                digits_ok = buffer[index + 1] in HEX_DIGITS and buffer[index + 2] in HEX_DIGITS
-                return index + 3 - position if digits_ok else 0
-            if not 0x20 <= byte <= 0x7E or byte == OPEN:
-                return 0
-            index += 1
-        return None if index - position <= MAX_PAYLOAD else 0
+        limit = min(len(buffer), position + MAX_PAYLOAD + 2)
+        stop = self._stop.first(buffer, position + 1, limit)
+        if stop < 0:
+            return 0 if limit - position >= MAX_PAYLOAD + 2 else None
+        if buffer[stop] != CLOSE:
+            return 0
+        if len(buffer) - stop < 3:
+            return None
+        digits_ok = buffer[stop + 1] in HEX_DIGITS and buffer[stop + 2] in HEX_DIGITS
+        return stop + 3 - position if digits_ok else 0
 
 
 class CogesProtocol(DeviceProtocol):

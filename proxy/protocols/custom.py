@@ -9,8 +9,7 @@ gets NAK 15. The host never acknowledges, so an exchange is complete with the re
 from __future__ import annotations
 
 import struct
-from array import array
-from itertools import accumulate, islice
+from operator import add
 
 import attrs
 
@@ -89,18 +88,12 @@ class Framer(ScanningFramer):
     """
 
     starts = frozenset((START,))
+    max_frame = HEADER + MAX_LENGTH + 1
+    prefix = add
 
     def __init__(self, *, from_device: bool, max_length: int = MAX_LENGTH) -> None:
         super().__init__((ACK, NAK) if from_device else ())
         self._max_length = max_length
-        # _sums[i] is the sum of _buffer[:i] plus a constant offset; differences give range sums.
-        self._sums = array("Q", [0])
-
-    def _added(self, data: bytes) -> None:
-        self._sums.extend(islice(accumulate(data, initial=self._sums[-1]), 1, None))
-
-    def _consumed(self, count: int) -> None:
-        del self._sums[:count]
 
     def _frame_size(self, position: int) -> int | None:
         buffer, available = self._buffer, len(self._buffer) - position
@@ -112,7 +105,7 @@ class Framer(ScanningFramer):
         size = HEADER + length + 1
         if available < size:
             return None
-        total = (self._sums[position + size - 1] - self._sums[position + 1]) & 0xFFFF
+        total = self.prefix_of(position + 1, position + size - 1) & 0xFFFF
         valid = buffer[position + size - 1] == (total & 0xFF) ^ (total >> 8)
         return size if valid else 0
 

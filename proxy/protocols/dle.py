@@ -8,10 +8,12 @@ ECR frame or a single ACK/NAK byte, which completes the exchange.
 
 from __future__ import annotations
 
+import re
+
 import attrs
 
 from proxy.protocols import Control, DeviceProtocol, Event, Exchange, Frame, ProtocolError
-from proxy.protocols.framing import ScanningFramer
+from proxy.protocols.framing import ScanningFramer, Seeker
 
 DLE, STX, ETX, ENQ, ACK, NAK = 0x10, 0x02, 0x03, 0x05, 0x06, 0x15
 CONTROLS = (ENQ, ACK, NAK)
@@ -48,11 +50,37 @@ def decode(frame: bytes) -> Message:
     return Message(body[0], body[1], body[4], body[5:], frame[-1])
 
 
+DLE_RUN = re.compile(rb"\x10+")
+
+
+def _significant_dle(buffer: bytearray, start: int, end: int) -> tuple[int, int]:
+    """The first DLE in buffer[start:end] that is not half of a doubled DLE, with the byte after it there.
+
+    In a run of DLEs the pairs are literal 10s; an odd run's last DLE gives the next byte a meaning (ETX
+    ends the frame, anything else proves the start false). A run is judged whole, so it never depends
+    on where a candidate began.
+    """
+    index = start
+    while (run := DLE_RUN.search(buffer, index, end)) is not None:
+        if run.end() >= end:
+            return -1, run.start()  # the run may go on in bytes not yet here: search it again then
+        if (run.end() - run.start()) % 2:
+            return run.end() - 1, run.end()
+        index = run.end()
+    return -1, end
+
+
 class Framer(ScanningFramer):
     """DLE STX to DLE ETX plus exactly one byte; DLE DLE is a literal 10."""
 
     starts = frozenset((DLE,))
     controls = frozenset(CONTROLS)
+    max_frame = MAX_FRAME
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._dle = Seeker(_significant_dle)
+        self._seekers.append(self._dle)
 
     def _frame_size(self, position: int) -> int | None:
         buffer = self._buffer
@@ -60,19 +88,13 @@ class Framer(ScanningFramer):
             return None
         if buffer[position + 1] != STX:
             return 0
-        index = position + 2
-        while index - position < MAX_FRAME:
-            if index + 1 >= len(buffer):
-                return None
-            if buffer[index] != DLE:
-                index += 1
-            elif buffer[index + 1] == DLE:
-                index += 2
-            elif buffer[index + 1] == ETX:
-                return index + 3 - position if index + 2 < len(buffer) else None
-            else:
-                return 0  # DLE followed by anything else: not inside a frame, so the start was false
-        return 0
+        limit = min(len(buffer), position + MAX_FRAME - 1)
+        dle = self._dle.first(buffer, position + 2, limit)
+        if dle < 0:
+            return 0 if limit - position >= MAX_FRAME - 1 else None
+        if buffer[dle + 1] != ETX:
+            return 0  # DLE followed by anything else: not inside a frame, so the start was false
+        return dle + 3 - position if dle + 2 < len(buffer) else None
 
 
 class DleExchange(Exchange):

@@ -13,7 +13,7 @@ import struct
 import attrs
 
 from proxy.protocols import DeviceProtocol, ProtocolError, crc
-from proxy.protocols.framing import ScanningFramer
+from proxy.protocols.framing import ScanningFramer, Seeker, byte_finder
 
 END, ESC, ESC_END, ESC_ESC = 0xC0, 0xDB, 0xDC, 0xDD
 OPT = 0x48
@@ -80,12 +80,19 @@ class Framer(ScanningFramer):
     """C0 to the next C0; an empty C0 C0 is the end of one packet and the start of the next."""
 
     starts = frozenset((END,))
+    max_frame = MAX_FRAME
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._end = Seeker(byte_finder(END))
+        self._seekers.append(self._end)
 
     def _frame_size(self, position: int) -> int | None:
         buffer = self._buffer
-        end = buffer.find(END, position + 1, position + MAX_FRAME)
+        limit = min(len(buffer), position + MAX_FRAME)
+        end = self._end.first(buffer, position + 1, limit)
         if end < 0:
-            return None if len(buffer) - position < MAX_FRAME else 0
+            return 0 if limit - position >= MAX_FRAME else None
         if end == position + 1:
             return 0  # C0 C0: the first C0 closed a packet already seen (or noise); start again here
         return end + 1 - position

@@ -13,7 +13,7 @@ from functools import reduce
 from operator import xor
 
 from proxy.protocols import Control, DeviceProtocol, Event, Exchange, Frame, ProtocolError
-from proxy.protocols.framing import ScanningFramer
+from proxy.protocols.framing import ScanningFramer, Seeker, pattern_finder
 
 SOH, STX, ETX, EOT, ACK, NAK = 0x01, 0x02, 0x03, 0x04, 0x06, 0x15
 SLASH, CR, LF = ord("/"), 0x0D, 0x0A
@@ -60,13 +60,29 @@ def block_data(message: bytes) -> str:
     return message[1:-2].decode("ascii", "replace")
 
 
+def _line_end(buffer: bytearray, start: int, end: int) -> tuple[int, int]:
+    found = buffer.find(b"\r\n", start, end)
+    # A CR as the last byte may still meet its LF: search it again with the next bytes.
+    return found, max(start, end - 1)
+
+
 class Framer(ScanningFramer):
-    """One IEC message at a time; `from_host` decides what ACK followed by a digit means."""
+    """One IEC message at a time; `from_host` decides what ACK followed by a digit means.
+
+    Each kind of end (CR LF, ETX or EOT) and each byte that proves a block false (not 7-bit, or a
+    second SOH or STX) has a Seeker, so the scan stays O(n) whatever the bytes are.
+    """
+
+    max_frame = MAX_MESSAGE
 
     def __init__(self, *, from_host: bool) -> None:
-        super().__init__((ACK, NAK))
-        self._from_host = from_host
         self.starts = frozenset((SLASH, SOH, STX, ACK) if from_host else (SLASH, SOH, STX))
+        super().__init__((ACK, NAK))
+        self._line = Seeker(_line_end)
+        self._block_end = Seeker(pattern_finder(rb"[\x03\x04]"))
+        self._bad_after_soh = Seeker(pattern_finder(rb"[\x80-\xff\x01]"))
+        self._bad_after_stx = Seeker(pattern_finder(rb"[\x80-\xff\x01\x02]"))
+        self._seekers += [self._line, self._block_end, self._bad_after_soh, self._bad_after_stx]
 
     def _frame_size(self, position: int) -> int | None:
         buffer = self._buffer
@@ -78,17 +94,21 @@ class Framer(ScanningFramer):
             if not 0x30 <= buffer[position + 1] <= 0x39:
                 return 0
         if first in (SLASH, ACK):
-            end = buffer.find(b"\r\n", position + 1, position + MAX_MESSAGE)
+            limit = min(len(buffer), position + MAX_MESSAGE)
+            end = self._line.first(buffer, position + 1, limit)
             if end >= 0:
                 return end + 2 - position
-            return None if len(buffer) - position < MAX_MESSAGE else 0
-        for index in range(position + 1, min(len(buffer), position + MAX_MESSAGE)):
-            byte = buffer[index]
-            if byte in (ETX, EOT):
-                return index + 2 - position if index + 1 < len(buffer) else None
-            if byte > 0x7F or byte in (SOH,) or (byte == STX and first == STX):
-                return 0  # not 7-bit text inside a block: the start was false
-        return None if len(buffer) - position < MAX_MESSAGE else 0
+            return None if limit - position < MAX_MESSAGE else 0
+        limit = min(len(buffer), position + MAX_MESSAGE - 1)
+        end = self._block_end.first(buffer, position + 1, limit)
+        bad = (self._bad_after_soh if first == SOH else self._bad_after_stx).first(
+            buffer, position + 1, limit if end < 0 else end
+        )
+        if bad >= 0:
+            return 0  # not 7-bit text inside a block: the start was false
+        if end < 0:
+            return None if limit - position < MAX_MESSAGE - 1 else 0
+        return end + 2 - position if end + 1 < len(buffer) else None
 
 
 def is_sign_on(message: bytes) -> bool:

@@ -4,16 +4,31 @@ from __future__ import annotations
 
 from proxy.protocols import DeviceProtocol, Event, Exchange, Frame
 
+# The longest raw message held back waiting for silence; past it the bytes are passed on as they are.
+MAX_MESSAGE = 65536
+
 
 class SilenceFramer:
-    """Collects bytes until flush(), which the proxy calls after frame_gap of silence."""
+    """Collects bytes until flush(), which the proxy calls after frame_gap of silence.
 
-    def __init__(self) -> None:
+    A message is cut at `max_message` bytes and passed on as it is, so a peer that never pauses cannot
+    make the proxy hold more than that.
+    """
+
+    def __init__(self, max_message: int = MAX_MESSAGE) -> None:
         self._buffer = bytearray()
+        self._max_message = max_message
 
     def feed(self, data: bytes) -> list[Event]:
         self._buffer += data
-        return []
+        if len(self._buffer) < self._max_message:
+            return []
+        cut = len(self._buffer) - len(self._buffer) % self._max_message
+        whole, self._buffer = self._buffer[:cut], self._buffer[cut:]
+        return [Frame(bytes(whole[i : i + self._max_message])) for i in range(0, cut, self._max_message)]
+
+    def reset(self) -> None:
+        self._buffer = bytearray()
 
     def flush(self) -> list[Event]:
         if not self._buffer:

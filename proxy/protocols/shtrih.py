@@ -48,23 +48,28 @@ def decode(frame: bytes) -> tuple[int, bytes]:
 
 
 class Framer(ScanningFramer):
-    """Length-driven frames; a candidate whose LRC fails is a false start and is rescanned."""
+    """Length-driven frames; a candidate whose LRC fails is a false start and is rescanned.
+
+    The LRC comes from a running XOR, so a candidate costs O(1) whatever its LEN: a stream of
+    `02 ff` pairs is scanned in linear time.
+    """
 
     starts = frozenset((STX,))
     controls = frozenset(CONTROLS)
+    max_frame = 255 + 3
+    prefix = xor
 
     def _frame_size(self, position: int) -> int | None:
         buffer = self._buffer
         if len(buffer) - position < 2:
             return None
         length = buffer[position + 1]
-        size = length + 3
         if length == 0:
             return 0
+        size = length + 3
         if len(buffer) - position < size:
             return None
-        body = buffer[position + 1 : position + size - 1]
-        return size if lrc(body) == buffer[position + size - 1] else 0
+        return size if self.prefix_of(position + 1, position + size - 1) == buffer[position + size - 1] else 0
 
 
 class ShtrihExchange(Exchange):
