@@ -9,10 +9,10 @@ from proxy.cli import build_parser
 from proxy.config import Address
 from proxy.protocols import atol3
 from proxy.send import SendError, exchange
-from proxy.simulators import serve_tcp
+from proxy.simulators import model_factory, serve_tcp
 from proxy.simulators.base import NO_FAULTS, Faults
 
-from helpers import running_proxy, settings_for
+from helpers import connect, receive_exactly, running_proxy, settings_for
 
 CASES = [
     ("custom", ["--command", "beep"], "command 13h, OK, data 63"),
@@ -93,3 +93,36 @@ async def test_an_atol3_async_task_keeps_the_device_until_its_result_and_the_hos
         device = running.devices["kkt"]
         assert device.counters.exchanges == {"ok": 1}
         assert device.counters.unsolicited_bytes == 0
+
+
+H = bytes.fromhex
+# Frames whose boundaries are right but whose contents are not: what a real device NAKs or ignores.
+BAD_FRAMES = [
+    ("atol3", H("fe 06 00 01 c1 01 01 00 00 47 f3"), b""),  # bad CRC: ignored
+    ("dle", H("10 02 10 03 00"), H("15")),  # too short for NUM ID UF UF COD: NAK
+    ("coges", b"<0000320064>00", b""),  # bad checksum: ignored
+    ("iec61107", b"/?!\r\n" + b"\x01R1\x02VOLTA()\x03\x00", b"/EKT5CE301v12\r\n\x15"),  # bad BCC: NAK
+    ("shtrih", H("02 01 ff 00"), H("15")),  # bad LRC: NAK
+    ("custom", H("01 01 00 13 00"), H("15")),  # bad checksum: NAK
+]
+
+
+@pytest.mark.parametrize(("protocol", "frame", "answer"), BAD_FRAMES)
+def test_a_bad_frame_gets_what_a_device_would_answer_never_an_exception(protocol, frame, answer):
+    model = model_factory(protocol)(NO_FAULTS)
+    writes = model.feed(frame) + model.line_idle()
+    assert b"".join(write.data for write in writes) == answer
+
+
+@pytest.mark.parametrize(("protocol", "frame", "answer"), BAD_FRAMES)
+async def test_an_in_process_simulator_keeps_answering_after_a_bad_frame(protocol, frame, answer):
+    settings = settings_for({"name": "sim", "type": "simulator", "protocol": protocol})
+    async with running_proxy(settings) as running:
+        async with await connect(running, "sim") as client:
+            await client.send_all(frame)
+            if answer:
+                assert await receive_exactly(client, len(answer)) == answer
+        extra, expected = next((extra, expected) for name, extra, expected in CASES if name == protocol)
+        address = running.addresses["sim"][0]
+        assert expected in "\n".join(await exchange(address, protocol, send_args(address, protocol, extra)))
+        assert running.devices["sim"].counters.link_losses == 0

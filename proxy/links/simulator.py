@@ -22,8 +22,12 @@ async def open_simulator(config: DeviceConfig, nursery: trio.Nursery) -> trio.So
 
 
 async def _run(config: DeviceConfig, stream: trio.SocketStream) -> None:
+    """Error handling: a simulator bug is logged and ends this simulated device only; the proxy sees
+    its link lost and opens a new one, as with a real device that was reset."""
     async with stream:
         try:
             await serve_stream(stream, model_factory(config.protocol)(NO_FAULTS))
-        except trio.BrokenResourceError:
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
             logger.debug("{}: simulated device: proxy end closed", config.name)
+        except Exception:
+            logger.exception("{}: simulated device failed; it restarts with the next open", config.name)

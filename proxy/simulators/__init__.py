@@ -93,9 +93,12 @@ async def serve_tcp(
     task_status.started(f"simulated {protocol} device listening on {address}")
 
     async def serve_one(stream: trio.SocketStream) -> None:
+        # One host's trouble, or a simulator bug, ends that host's connection only.
         try:
             await serve_stream(stream, model_factory(protocol)(faults))
-        except trio.BrokenResourceError:
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
             logger.info("simulated {} device: host went away", protocol)
+        except Exception:
+            logger.exception("simulated {} device failed; this host's connection is closed", protocol)
 
     await trio.serve_listeners(serve_one, listeners)

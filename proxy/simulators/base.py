@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import attrs
 
-from proxy.protocols import Event, Frame, Framer
+from proxy.protocols import Event, Frame, Framer, ProtocolError
 
 
 @attrs.frozen
@@ -38,7 +38,8 @@ class SimulatedDevice:
 
     A subclass gives its framer (make_framer), its answer to each complete frame (answer), its NAK
     (nak, or None if the protocol has none), its busy answer (busy_answer), and may react to other
-    messages (on_other).
+    messages (on_other). A frame the protocol cannot decode (a bad checksum, a field out of range) gets
+    bad_frame(): the NAK where the protocol has one, else silence, as a device would answer it.
     """
 
     def __init__(self, faults: Faults = NO_FAULTS) -> None:
@@ -62,6 +63,11 @@ class SimulatedDevice:
         """A message that is not a frame (a control byte, junk)."""
         return []
 
+    def bad_frame(self, frame: bytes, problem: ProtocolError) -> list[Write]:
+        """A frame whose boundaries are right but whose contents are not (checksum, fields)."""
+        nak = self.nak()
+        return [] if nak is None else [Write(nak, answer=False)]
+
     def feed(self, data: bytes) -> list[Write]:
         """Bytes from the host -> the writes the device makes in answer, in order."""
         return self._handle(self._framer.feed(data))
@@ -82,13 +88,18 @@ class SimulatedDevice:
                 writes += self.on_other(event)
                 continue
             self.frames += 1
-            faults, nak = self.faults, self.nak()
-            if faults.nak_every and self.frames % faults.nak_every == 0 and nak is not None:
-                writes.append(Write(nak, answer=False))
-            elif faults.busy:
-                writes += self.busy_answer(event.raw)
-            elif faults.drop_every and self.frames % faults.drop_every == 0:
-                writes += [write for write in self.answer(event.raw) if not write.answer]
-            else:
-                writes += self.answer(event.raw)
+            try:
+                writes += self._answer_frame(event.raw)
+            except ProtocolError as problem:
+                writes += self.bad_frame(event.raw, problem)
         return writes
+
+    def _answer_frame(self, frame: bytes) -> list[Write]:
+        faults, nak = self.faults, self.nak()
+        if faults.nak_every and self.frames % faults.nak_every == 0 and nak is not None:
+            return [Write(nak, answer=False)]
+        if faults.busy:
+            return self.busy_answer(frame)
+        if faults.drop_every and self.frames % faults.drop_every == 0:
+            return [write for write in self.answer(frame) if not write.answer]
+        return self.answer(frame)
