@@ -202,7 +202,12 @@ class Running:
         status_keys = (settings.proxy.status, settings.proxy.status_token)
         if status_keys != (self.settings.proxy.status, self.settings.proxy.status_token):
             logger.warning("[proxy] status and status_token take effect at the next start")
-        log.setup(settings.proxy)
+        try:
+            log.setup(settings.proxy)
+        except log.LogFileError as exc:
+            log.setup(self.settings.proxy)
+            logger.error("{}; the previous logging settings stay", exc)
+            settings = attrs.evolve(settings, proxy=self.settings.proxy)
         for device in self.devices.values():
             device.tracing = log.tracing()
         self.settings = attrs.evolve(

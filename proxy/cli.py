@@ -155,7 +155,11 @@ def run(path: str) -> int:
     settings = _load(path)
     if settings is None:
         return EXIT_CONFIG
-    log.setup(settings.proxy)
+    try:
+        log.setup(settings.proxy)
+    except log.LogFileError as exc:
+        logger.error("{}; nothing was started", exc)
+        return EXIT_CONFIG
     logger.info("devproxy starting with {}", path)
 
     async def reload(running: Running) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import math
+import os
 import re
 import tomllib
 from collections.abc import Callable, Iterable
@@ -11,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import attrs
+
+from proxy.protocols.raw import MAX_MESSAGE
 
 LOG_LEVELS = ("TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR", "CRITICAL")
 DEVICE_TYPES = ("serial", "tcp", "simulator")
@@ -22,7 +25,10 @@ SHARING_MODES = ("session", "exchange")
 AUTO = "auto"
 PARITIES = ("N", "E", "O", "M", "S")
 STOPBITS = (1, 1.5, 2)
-NAME_PATTERN = re.compile(r"[A-Za-z0-9_-]+")
+# Unicode letters and digits ("касса-1" is a fine name), '-' and '_'.
+NAME_PATTERN = re.compile(r"[\w-]+")
+# raw protocol: the longest max_message allowed (the default is the protocol's MAX_MESSAGE).
+MAX_MESSAGE_LIMIT = 16 * 1024 * 1024
 SIZE_PATTERN = re.compile(r"\d+(\.\d+)?\s*(B|KB|MB|GB|KiB|MiB|GiB)", re.IGNORECASE)
 
 
@@ -106,6 +112,8 @@ class DeviceConfig:
     idle_timeout: float = 0.0
     max_clients: int = 32
     allow: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    client_write_timeout: float = 10.0
+    max_message: int = MAX_MESSAGE
 
     def describe(self) -> str:
         """Where the device is, for log lines: the serial path, the TCP peer, or the simulated protocol."""
@@ -127,6 +135,8 @@ DIALIN_SHARING_KEYS = (
     "idle_timeout",
     "max_clients",
     "allow",
+    "client_write_timeout",
+    "max_message",
 )
 
 
@@ -157,6 +167,8 @@ class DialinConfig:
     idle_timeout: float = 0.0
     max_clients: int = 32
     allow: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    client_write_timeout: float = 10.0
+    max_message: int = MAX_MESSAGE
 
     @property
     def direct_host(self) -> str:
@@ -258,11 +270,13 @@ class _Table:
 
     def seconds(self, key: str, *, positive: bool) -> None:
         def convert(value: float) -> float:
+            if not math.isfinite(value):
+                raise ValueError(f"{value} is not a number of seconds: give a finite number such as 5.0")
             if value < 0 or (positive and value == 0):
                 raise ValueError(f"{value} must be {'> 0' if positive else '>= 0'} seconds")
             return float(value)
 
-        self.take(key, _is_number, "a number of seconds", convert)
+        self.take(key, lambda v: _is_int(v) or isinstance(v, float), "a number of seconds", convert)
 
     def unknown_keys(self, known: Iterable[str]) -> None:
         for key in sorted(set(self.raw) - set(known)):
@@ -296,13 +310,29 @@ def _proxy_table(raw: dict[str, Any], problems: _Problems) -> ProxyConfig:
     table = _Table("[proxy]", raw, problems)
     table.unknown_keys(attrs.fields_dict(ProxyConfig))
     table.string("log_level", LOG_LEVELS)
-    table.string("log_file")
+    table.take("log_file", lambda v: isinstance(v, str), "a string", _check_log_file)
     table.take("log_rotation", lambda v: isinstance(v, str), "a string", _check_rotation)
     table.integer("log_retention", 0)
     table.boolean("log_json")
     table.take("status", lambda v: isinstance(v, str), "a string", lambda v: parse_address(v) if v else None)
     table.string("status_token")
     return ProxyConfig(**table.values)
+
+
+def _check_log_file(value: str) -> str:
+    """A file the proxy can create or append to: not a directory, in a directory that exists."""
+    if not value:
+        return value
+    path = Path(value)
+    if path.is_dir():
+        raise ValueError(f"{value!r} is a directory; give a file in it, e.g. {str(path / 'devproxy.log')!r}")
+    if not path.parent.is_dir():
+        raise ValueError(f"{value!r}: the directory {str(path.parent)!r} does not exist")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise ValueError(f"{value!r} cannot be written by this user")
+    if not path.exists() and not os.access(path.parent, os.W_OK | os.X_OK):
+        raise ValueError(f"{value!r} cannot be created: {str(path.parent)!r} is not writable by this user")
+    return value
 
 
 def _check_rotation(value: str) -> str:
@@ -338,6 +368,8 @@ def _device_table(index: int, raw: dict[str, Any], problems: _Problems) -> Devic
     table.seconds("idle_timeout", positive=False)
     table.integer("max_clients", 1)
     table.take("allow", lambda v: isinstance(v, list), "a list of networks", _list_of(_parse_network))
+    table.seconds("client_write_timeout", positive=True)
+    table.integer("max_message", 1, MAX_MESSAGE_LIMIT)
     config = DeviceConfig(**{"name": "", **table.values})
     _check_device(table, config)
     return config if config.name else None
@@ -345,7 +377,7 @@ def _device_table(index: int, raw: dict[str, Any], problems: _Problems) -> Devic
 
 def _check_name(value: str) -> str:
     if not NAME_PATTERN.fullmatch(value):
-        raise ValueError(f"{value!r} may hold only letters, digits, '-' and '_'")
+        raise ValueError(f"{value!r} may hold only letters, digits, '-' and '_' (no spaces or other signs)")
     return value
 
 
@@ -405,6 +437,8 @@ def _dialin_table(raw: dict[str, Any], problems: _Problems) -> DialinConfig:
     table.seconds("idle_timeout", positive=False)
     table.integer("max_clients", 1)
     table.take("allow", lambda v: isinstance(v, list), "a list of networks", _list_of(_parse_network))
+    table.seconds("client_write_timeout", positive=True)
+    table.integer("max_message", 1, MAX_MESSAGE_LIMIT)
     config = DialinConfig(**table.values)
     if not config.listen:
         table.fail("listen", "is empty: no device could connect")

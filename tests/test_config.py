@@ -134,7 +134,13 @@ def test_empty_status_turns_the_status_server_off():
         (device(listen=[]), "device 'fptr1': listen is empty: no client could reach this device"),
         (device(sharing="shared"), "device 'fptr1': sharing 'shared' is not one of session, exchange"),
         (device(acquire_timeout=-1), "device 'fptr1': acquire_timeout -1 must be >= 0 seconds"),
-        (device(acquire_timeout=float("nan")), "device 'fptr1': acquire_timeout nan is a number, expected"),
+        (
+            device(acquire_timeout=float("nan")),
+            "device 'fptr1': acquire_timeout nan is not a number of seconds: give a finite number",
+        ),
+        (device(exchange_timeout=float("inf")), "device 'fptr1': exchange_timeout inf is not a number of seconds"),
+        (device(client_write_timeout=0), "device 'fptr1': client_write_timeout 0 must be > 0 seconds"),
+        (device(max_message=0), "device 'fptr1': max_message 0 is not in 1-16777216"),
         (device(response_timeout=0), "device 'fptr1': response_timeout 0 must be > 0 seconds"),
         (device(busy_reply="busy"), "device 'fptr1': busy_reply 'busy' is not hex bytes"),
         (
@@ -149,6 +155,7 @@ def test_empty_status_turns_the_status_server_off():
             "device 'fptr1': allow '10.0.0.0/8' is a string, expected a list of networks",
         ),
         (device(name="fptr 1"), "device 'fptr 1': name 'fptr 1' may hold only letters, digits, '-' and '_'"),
+        (device(name="касса 1"), "device 'касса 1': name 'касса 1' may hold only letters, digits"),
         (device(path=""), "device 'fptr1': path is empty"),
         (device(type="tcp", path="printer"), "device 'fptr1': path 'printer' is not HOST:PORT"),
         (
@@ -291,3 +298,16 @@ def test_each_bad_dialin_value_is_one_problem(raw, expected):
 def test_a_device_port_inside_the_direct_ports_is_a_clash():
     problems = problems_of({**dialin(), "device": [{**GOOD_DEVICE, "listen": ["127.0.0.1:7600"]}]})
     assert problems == ["device 'fptr1': listen '127.0.0.1:7600' is in [dialin] direct_ports"]
+
+
+def test_names_may_be_in_any_script():
+    settings = parse({"device": [{"name": "касса-1", "path": "/dev/ttyS0", "listen": ["127.0.0.1:1"]}]})
+    assert settings.devices[0].name == "касса-1"
+
+
+def test_a_log_file_that_is_a_directory_or_in_a_missing_directory_is_refused(tmp_path):
+    assert one_problem({"proxy": {"log_file": str(tmp_path)}}).startswith(
+        f"[proxy]: log_file {str(tmp_path)!r} is a directory"
+    )
+    missing = tmp_path / "nowhere" / "devproxy.log"
+    assert "does not exist" in one_problem({"proxy": {"log_file": str(missing)}})
