@@ -56,6 +56,30 @@ class _DeviceRun:
     stopped: trio.Event = attrs.field(factory=trio.Event)
 
 
+# After an unexpected error, a device's supervisor starts again after this pause, doubled each time up
+# to the maximum while it keeps failing, so that a bug that fails at once does not spin.
+RESTART_PAUSE = 1.0
+RESTART_PAUSE_MAX = 60.0
+# A supervisor that ran this long before failing starts again with the shortest pause.
+RESTART_RESET_AFTER = 60.0
+
+
+async def supervise(device: Device) -> None:
+    """Runs the device's supervisor until cancelled; after an unexpected error (a bug), logs it with its
+    traceback and starts the supervisor again, after a pause that grows while it keeps failing."""
+    pause = RESTART_PAUSE
+    while True:
+        started = trio.current_time()
+        try:
+            await device.run()
+        except Exception:
+            if trio.current_time() - started > RESTART_RESET_AFTER:
+                pause = RESTART_PAUSE
+            logger.exception("{}: the device's supervisor failed; restarting it in {:g} s", device.name, pause)
+            await trio.sleep(pause)
+            pause = min(pause * 2, RESTART_PAUSE_MAX)
+
+
 class Running:
     """The proxy as it runs: its devices, the addresses their clients reach, and reload()."""
 
@@ -145,12 +169,17 @@ class Running:
     ) -> None:
         try:
             with run.scope:
+                # Containment: a failure in one client's task ends that client (clients.handle_client);
+                # a failure of the device's supervisor is logged and the supervisor restarted
+                # (supervise); only an accept loop's own bug ends this nursery, and with it this device.
                 async with trio.open_nursery() as nursery:
                     # The ports listen already: clients queue in the backlog until the loops accept them.
                     serve_clients(run.device, listeners, nursery)
                     task_status.started()
                     # In this task: thousands of dial-in devices make every task a device costs count.
-                    await run.device.run()
+                    await supervise(run.device)
+        except Exception:
+            logger.exception("{}: stopped by an unexpected error; its ports are closed", run.device.name)
         finally:
             with trio.CancelScope(shield=True):
                 await _close(listeners)

@@ -1,4 +1,5 @@
-"""What a client sees: one task per connection, admitted, queued for the device, then served."""
+"""What a client sees first: one task per connection, admitted (allow, max_clients), then served by the
+device's sharing mode (proxy.sharing)."""
 
 from __future__ import annotations
 
@@ -9,12 +10,8 @@ import trio
 from loguru import logger
 
 from proxy import accept, wire
-from proxy.device import BROKEN, READ_SIZE, Device, Lease, LinkLost, Refused
-from proxy.exchanges import ClientGone, ExchangeClient
-
-# After a client's end-of-file, the device's answer is still passed on until it pauses this long.
-ANSWER_LINGER = 0.5
-CLOSED = "closed the connection"
+from proxy.config import DeviceConfig
+from proxy.device import Device, Refused
 
 
 def peer_name(stream: trio.SocketStream) -> str:
@@ -24,6 +21,56 @@ def peer_name(stream: trio.SocketStream) -> str:
     except OSError:
         return "unknown client"
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class Client:
+    """One client connection as a sharing mode sees it: its name and stream, ordered writes to it, and a
+    way to end it from any task.
+
+    Resource handling: handle_client() owns the stream; the outlet is closed before the stream, so that
+    no task can write to a descriptor the kernel has given to another connection since.
+    """
+
+    def __init__(self, stream: trio.SocketStream, name: str, config: DeviceConfig) -> None:
+        self.stream = stream
+        self.name = name
+        self.outlet = wire.Outlet(stream)
+        self._write_timeout = config.client_write_timeout
+        # The client's task runs in this scope; disconnect() cancels it.
+        self.scope = trio.CancelScope()
+        # Why the client is gone (None while it is there).
+        self.gone: str | None = None
+
+    async def send(self, data: bytes) -> bool:
+        """Writes `data` to the client; False when it is gone, or is now disconnected because its
+        connection failed or it took no byte for client_write_timeout."""
+        if self.gone is not None:
+            return False
+        try:
+            await self.outlet.send(data, self._write_timeout)
+        except trio.TooSlowError:
+            self.disconnect(f"took no byte of its answer for client_write_timeout = {self._write_timeout:g} s")
+            return False
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            self.disconnect(f"connection failed: {exc}")
+            return False
+        return True
+
+    def leaving(self, why: str) -> None:
+        """The client's own task is done with it: nothing more is sent to it."""
+        if self.gone is None:
+            self.gone = why
+        self.outlet.close()
+
+    def disconnect(self, reason: str) -> None:
+        """Ends the client from any task: its task is cancelled and closes the connection."""
+        self.leaving(reason)
+        self.scope.cancel()
+
+    async def close(self) -> None:
+        """Closes the connection now, from the client's own task."""
+        self.outlet.close()
+        await trio.aclose_forcefully(self.stream)
 
 
 def serve_clients(device: Device, listeners: list[trio.SocketListener], nursery: trio.Nursery) -> None:
@@ -39,33 +86,34 @@ def serve_clients(device: Device, listeners: list[trio.SocketListener], nursery:
 
 async def handle_client(device: Device, stream: trio.SocketStream) -> None:
     """One client connection, from accept to close. Resource handling: closes `stream` before returning."""
-    client = peer_name(stream)
+    name = peer_name(stream)
     async with stream:
         refusal = _admission(device, stream)
         if refusal:
             device.count_refusal(refusal[0])
-            logger.info("{}: client {} refused: {}", device.name, client, refusal[1])
+            logger.info("{}: client {} refused: {}", device.name, name, refusal[1])
             if refusal[0] != "not allowed":
                 await wire.finish(stream, device.config.busy_reply)
             return
         device.client_connected()
-        logger.info("{}: client {} connected ({} connected)", device.name, client, device.clients)
+        logger.info("{}: client {} connected ({} connected)", device.name, name, device.clients)
+        client = Client(stream, name, device.config)
         try:
-            if device.config.sharing == "exchange":
-                why = await ExchangeClient(device, stream, client).serve()
-                logger.info("{}: client {} {}", device.name, client, why)
-            else:
-                await _session(device, stream, client)
-        except ClientGone as exc:
-            logger.info("{}: client {} disconnected: {}", device.name, client, exc)
-            await wire.finish(stream, b"")
+            why = "disconnected"
+            with client.scope:
+                why = await device.sharing.serve(client)
+            logger.info("{}: client {} {}", device.name, name, client.gone or why)
+            if client.scope.cancelled_caught:
+                # Disconnected by the proxy: end our side and drain, so the close is clean, not a reset.
+                await wire.finish(stream)
         except Refused as exc:
-            logger.info("{}: client {} refused: {}", device.name, client, exc)
+            logger.info("{}: client {} refused: {}", device.name, name, exc)
             await wire.finish(stream, device.config.busy_reply)
         except Exception:
             # A bug must cost this one client its connection, never the proxy or the other clients.
-            logger.exception("{}: client {}: unexpected error; connection closed", device.name, client)
+            logger.exception("{}: client {}: unexpected error; connection closed", device.name, name)
         finally:
+            client.leaving("closed")
             device.client_disconnected()
 
 
@@ -84,66 +132,3 @@ def _admission(device: Device, stream: trio.SocketStream) -> tuple[str, str] | N
     if device.clients >= config.max_clients:
         return ("too many clients", f"max_clients = {config.max_clients} reached")
     return None
-
-
-async def _session(device: Device, stream: trio.SocketStream, client: str) -> None:
-    """Session sharing: the client holds the device for its whole connection."""
-    idle_timeout = device.config.idle_timeout
-    client_fd = wire.fileno(stream)
-
-    async def to_client(data: bytes) -> None:
-        await wire.send_all(stream, client_fd, data)
-
-    async with device.lease(client, to_client) as lease:
-        why = "closed the connection"
-        with lease.cancel_scope:
-            async with trio.open_nursery() as nursery:
-                if idle_timeout:
-                    nursery.start_soon(_end_when_idle, lease, idle_timeout)
-                why = await _pump(stream, lease)
-                if why == CLOSED:
-                    await _drain_answer(lease)
-                nursery.cancel_scope.cancel()
-        logger.info("{}: client {} {}", device.name, client, lease.ended or why)
-
-
-async def _pump(stream: trio.SocketStream, lease: Lease) -> str:
-    """Client -> device until the client closes; returns how the session ended."""
-    receive = wire.reader(stream, READ_SIZE)
-    while True:
-        try:
-            data = await receive()
-        except BROKEN as exc:
-            return f"connection failed: {exc}"
-        if not data:
-            return CLOSED
-        try:
-            await lease.send(data)
-        except LinkLost as exc:
-            return f"disconnected: link lost ({exc})"
-
-
-async def _drain_answer(lease: Lease) -> None:
-    """The client closed its sending side right after a request: the answer still reaches it.
-
-    A script that writes its request and half-closes (`printf ... | nc -N`) gets the answer, as socat
-    gives the other direction a moment after an end-of-file. When the device spoke last, the client
-    has had its answer and the device goes to the next client at once.
-    """
-    if lease.last_received >= lease.last_sent:
-        return
-    while True:
-        heard = lease.last_activity
-        await trio.sleep_until(heard + ANSWER_LINGER)
-        if lease.last_activity == heard:
-            return
-
-
-async def _end_when_idle(lease: Lease, idle_timeout: float) -> None:
-    """Ends the lease once neither side has sent anything for idle_timeout seconds."""
-    while True:
-        deadline = lease.last_activity + idle_timeout
-        if trio.current_time() >= deadline:
-            lease.end(f"disconnected: silent for idle_timeout = {idle_timeout:g} s")
-            return
-        await trio.sleep_until(deadline)

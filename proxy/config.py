@@ -320,18 +320,21 @@ def _proxy_table(raw: dict[str, Any], problems: _Problems) -> ProxyConfig:
 
 
 def _check_log_file(value: str) -> str:
-    """A file the proxy can create or append to: not a directory, in a directory that exists."""
+    """A file the proxy can create or append to (missing directories are created), not a directory."""
     if not value:
         return value
     path = Path(value)
     if path.is_dir():
         raise ValueError(f"{value!r} is a directory; give a file in it, e.g. {str(path / 'devproxy.log')!r}")
-    if not path.parent.is_dir():
-        raise ValueError(f"{value!r}: the directory {str(path.parent)!r} does not exist")
-    if path.exists() and not os.access(path, os.W_OK):
-        raise ValueError(f"{value!r} cannot be written by this user")
-    if not path.exists() and not os.access(path.parent, os.W_OK | os.X_OK):
-        raise ValueError(f"{value!r} cannot be created: {str(path.parent)!r} is not writable by this user")
+    if path.exists():
+        if not os.access(path, os.W_OK):
+            raise ValueError(f"{value!r} cannot be written by this user")
+        return value
+    ancestor = path.absolute().parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
+        raise ValueError(f"{value!r} cannot be created: {str(ancestor)!r} is not a directory this user can write")
     return value
 
 

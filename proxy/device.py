@@ -1,30 +1,32 @@
-"""Device: the one owner of a link to a device, its FIFO lock, its leases, its state and counters."""
+"""Device: the one owner of a link to a device: it opens the link (or takes it from the dial-in server),
+reads it, writes it in order, and lends it to clients through its sharing mode."""
 
 from __future__ import annotations
 
-import bisect
 import enum
-import math
-import os
-from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 import attrs
 import trio
 from loguru import logger
 
-from proxy import log, wire
+from proxy import log, protocols, wire
 from proxy.config import DeviceConfig, DialinConfig
+from proxy.counters import Counters, ExchangeResult
 from proxy.links import LinkError, discard_input, open_link
 
-READ_SIZE = 65536
+if TYPE_CHECKING:
+    from proxy.sharing import Sharing
+
+# A raw byte path passes chunks on as they come; a framed one feeds them to a framer first, and a
+# smaller read bounds how long one hostile chunk can hold the event loop (see bench/framers.py).
+RAW_READ_SIZE = 65536
+FRAMED_READ_SIZE = 16384
 # What a newly connected dial-in device may send before the first client takes it, kept for that client.
 HELD_LIMIT = 65536
 BROKEN = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
-
-Sink = Callable[[bytes], Awaitable[None]]
 
 
 class State(enum.StrEnum):
@@ -32,6 +34,12 @@ class State(enum.StrEnum):
     CONNECTING = "connecting"
     IDLE = "idle"
     BUSY = "busy"
+    # The device may still be answering a client that left, or a request whose answer is late: nobody
+    # else gets it until the answer is complete or exchange_timeout has passed.
+    SETTLING = "settling"
+
+
+UP_STATES = frozenset((State.IDLE, State.BUSY, State.SETTLING))
 
 
 class Refused(Exception):
@@ -44,43 +52,7 @@ class Refused(Exception):
 
 
 class LinkLost(Exception):
-    """The link to the device broke while a lease was using it."""
-
-
-# Upper bounds, in seconds, of the buckets of the wait and exchange histograms (the last is +Inf).
-BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, math.inf)
-
-
-@attrs.define
-class Histogram:
-    """Observed durations, counted into BUCKETS (not cumulative), with their sum."""
-
-    counts: list[int] = attrs.field(factory=lambda: [0] * len(BUCKETS))
-    total: float = 0.0
-
-    def observe(self, seconds: float) -> None:
-        self.counts[bisect.bisect_left(BUCKETS, seconds)] += 1
-        self.total += seconds
-
-
-@attrs.define
-class Counters:
-    """What a device has done since the proxy started."""
-
-    bytes_to_device: int = 0
-    bytes_from_device: int = 0
-    unsolicited_bytes: int = 0
-    leases_granted: int = 0
-    refused: Counter[str] = attrs.field(factory=Counter)
-    # Exchange sharing: exchanges by result ("ok", "timeout", "refused", "link lost"), and how long.
-    exchanges: Counter[str] = attrs.field(factory=Counter)
-    exchange_seconds: Histogram = attrs.field(factory=Histogram)
-    # How long clients waited for the device, granted or not.
-    lock_wait_seconds: Histogram = attrs.field(factory=Histogram)
-    link_opens: int = 0
-    link_losses: int = 0
-    last_connect: datetime | None = None
-    last_disconnect: datetime | None = None
+    """The link to the device is gone, or broke during a write."""
 
 
 @attrs.define(eq=False)
@@ -92,145 +64,123 @@ class Handover:
     on_done: Callable[[], None]
 
 
-class Lease:
-    """One client's turn at the device: it may send, and it alone receives what the device answers.
-
-    Whoever ends the lease early (the device when the link is lost, a watchdog, a broken client)
-    calls end(), which cancels `cancel_scope`; `ended` then says why.
-    """
-
-    def __init__(self, device: Device, client: str, sink: Sink, log_level: str = "INFO") -> None:
-        self.device = device
-        self.client = client
-        self.log_level = log_level
-        self.released = False
-        self.cancel_scope = trio.CancelScope()
-        self.ended: str | None = None
-        self.last_activity = trio.current_time()
-        # When the client last sent to the device, and the device to the client.
-        self.last_sent = self.last_received = 0.0
-        self._sink = sink
-        self._link: trio.abc.Stream | None = None
-        self._link_fd = -1
-
-    async def send(self, data: bytes) -> None:
-        """Writes `data` to the device. Raises LinkLost when the link is gone or breaks."""
-        device, link = self.device, self._link
-        if link is None or self.ended is not None:
-            raise LinkLost(self.ended or "no link")
-        if device.tracing:
-            logger.trace("{}: {} -> device: {}", device.name, self.client, log.hexdump(data))
-        try:
-            await wire.send_all(link, self._link_fd, data)
-        except BROKEN as exc:
-            device.reset_link(f"write failed: {exc}")
-            raise LinkLost(f"write failed: {exc}") from None
-        device.counters.bytes_to_device += len(data)
-        self.last_activity = self.last_sent = trio.current_time()
-
-    async def _deliver(self, data: bytes) -> None:
-        self.last_activity = self.last_received = trio.current_time()
-        try:
-            await self._sink(data)
-        except BROKEN as exc:
-            self.end(f"connection failed: {exc}")
-
-    def release(self) -> None:
-        """Gives the device to the next waiter now (idempotent); the lease's block may still run on."""
-        if not self.released:
-            self.released = True
-            self._link = None
-            self.device._release(self)
-
-    def end(self, reason: str) -> None:
-        """Ends the lease early for `reason`; the first reason given is the one kept."""
-        if self.ended is None:
-            self.ended = reason
-        self._link = None
-        self.cancel_scope.cancel()
-
-
 class Device:
     """A device: keeps its link open (or takes it from the dial-in server), reads it, and lends it to
-    one lease at a time.
+    clients as its sharing mode says (proxy.sharing).
 
-    Only the reader task started by run() reads the link; only the current lease writes it. Bytes the
-    device sends while no lease is held are logged and dropped, and what is buffered when a lease
-    begins is discarded, so nothing meant for one client reaches another. (The first lease on a newly
-    connected dial-in device is the exception: it gets what the device sent before anyone held it.)
+    Only the reader task started by run() reads the link, and it hands every chunk to the sharing mode
+    at the moment it left the kernel; every write goes through write(), in order. Bytes the device sends
+    while nobody is owed anything are logged and dropped. (The first client of a newly connected dial-in
+    device is the exception: it gets what the device sent before anyone held it.)
     """
 
     def __init__(self, config: DeviceConfig, dialin: DialinConfig | None = None) -> None:
+        from proxy.sharing import for_device
+
         self.config = config
         self.name = config.name
+        self.protocol = protocols.get(config.protocol)
         self.state = State.OFFLINE
         self.counters = Counters()
         self.clients = 0
-        self.waiting = 0
         self.tracing = False
-        self.holder: Lease | None = None
-        # FIFO like trio.Lock (its ParkingLot hands a release to the first waiter), but releasable by
-        # any task: the device's reader ends an exchange's lease the moment the answer is complete.
-        self._lock = trio.Semaphore(1)
+        # Closing and reopening a TCP connection (or a simulator's socket) stops whatever the device was
+        # sending; reopening a serial port does not, and a dial-in device cannot be called back.
+        self.reset_settles = config.type in ("tcp", "simulator")
+        self.read_size = RAW_READ_SIZE if config.protocol == "raw" else FRAMED_READ_SIZE
         self._link: trio.abc.Stream | None = None
+        self._outlet: wire.Outlet | None = None
         self._link_scope: trio.CancelScope | None = None
         # Why the link was closed from inside the proxy: a reason, or None when closed on purpose.
         self._link_close_reason: str | None = None
+        # The proxy closed the link to settle the device (a TCP device stops answering): reopen at once.
+        self._reopen_at_once = False
         # Set on every change an observer can see (state, holder, waiters, clients, refusals, dropped
         # bytes), and created only when someone waits for one. Not set per forwarded chunk.
         self._changed: trio.Event | None = None
-        # release_port: set while a lease wants the link opened.
+        # release_port: set while a client wants the link opened.
         self._demand = trio.Event()
         # reconnect_interval = 0 and the last open failed: waiters are refused at once.
-        self._gave_up = False
+        self.gave_up = False
         self._last_open_error = ""
         # Dial-in devices: their links are handed in by the dial-in server (attach()), not opened.
         self.dialin = dialin
         self.peer: str | None = None
         self._handover: Handover | None = None
         self._handover_ready = trio.Event()
-        # Until the first lease on a newly connected dial-in device, what it sends is kept for it.
-        self._fresh = False
-        self._held = bytearray()
+        # Until the first client of a newly connected dial-in device, what it sends is kept for it.
+        self.fresh = False
+        self.held = bytearray()
         self._last_received = 0.0
         self._pinged = self._idle_logged = -1.0
+        self.sharing: Sharing = for_device(self)
+
+    @property
+    def link_up(self) -> bool:
+        return self._link is not None
+
+    @property
+    def holder(self) -> str | None:
+        """Who has the device now (a client's address), for the status page and the disconnect API."""
+        return self.sharing.holder
+
+    @property
+    def waiting(self) -> int:
+        """Clients (session) or requests (exchange) waiting for the device."""
+        return self.sharing.waiting
 
     # -- the supervisor --------------------------------------------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Keeps the link open (or opens it per lease with release_port) until cancelled.
+        """Keeps the link open (or opens it per client with release_port) until cancelled.
 
         Error handling: a link that cannot be opened or is lost is logged and retried every
-        reconnect_interval seconds; 0 means never retry. Nothing here raises to the caller.
+        reconnect_interval seconds; 0 means never retry. Anything else raised here is a bug, which the
+        caller contains (proxy.app restarts the supervisor after a pause).
         """
         self.tracing = log.tracing()
-        if self.dialin is not None:
-            await self._run_dialin(task_status)
+        # A nursery only where something runs beside the link (a simulator, the exchange clock): a
+        # thousand dial-in devices make every nursery count. Every failure inside is contained by the
+        # caller, which restarts this supervisor; the clients' tasks live elsewhere and stay.
+        if self.dialin is not None and not self.sharing.needs_task:
+            task_status.started()
+            await self._run_dialin()
             return
         async with trio.open_nursery() as nursery:
+            if self.sharing.needs_task:
+                nursery.start_soon(self.sharing.run)
             task_status.started()
-            while True:
-                if self.config.release_port:
-                    await self._demand.wait()
-                link = await self._open(nursery)
-                if link is not None:
-                    lost = await self._serve_link(link)
-                    if lost is None:
-                        continue
-                    self._set_state(State.OFFLINE, f"link lost ({lost})")
-                if self.config.reconnect_interval > 0:
-                    await trio.sleep(self.config.reconnect_interval)
-                    continue
-                # Never retry: whoever waits is refused now; with release_port the next client tries anew.
-                self._gave_up = True
-                self._notify()
-                if not self.config.release_port:
-                    await trio.sleep_forever()
-                self._demand = trio.Event()
+            if self.dialin is not None:
+                await self._run_dialin()
+            else:
+                await self._run_configured(nursery)
 
-    async def _run_dialin(self, task_status: trio.TaskStatus[None]) -> None:
+    async def _run_configured(self, nursery: trio.Nursery) -> None:
+        while True:
+            if self.config.release_port:
+                await self._demand.wait()
+            link = await self._open(nursery)
+            if link is not None:
+                lost = await self._serve_link(link)
+                if lost is None:
+                    continue
+                if self._reopen_at_once:
+                    logger.info("{}: closed the link ({}); reopening it", self.name, lost)
+                    continue
+                self._set_state(State.OFFLINE, f"link lost ({lost})")
+            if self.config.reconnect_interval > 0:
+                await trio.sleep(self.config.reconnect_interval)
+                continue
+            # Never retry: whoever waits is refused now; with release_port the next client tries anew.
+            self.gave_up = True
+            self.sharing.gave_up()
+            self._notify()
+            if not self.config.release_port:
+                await trio.sleep_forever()
+            self._demand = trio.Event()
+
+    async def _run_dialin(self) -> None:
         """A dial-in device: serves each connection the dial-in server hands in, until the next one."""
-        task_status.started()
         try:
             while True:
                 await self._handover_ready.wait()
@@ -250,22 +200,23 @@ class Device:
                 with trio.CancelScope(shield=True):
                     await trio.aclose_forcefully(self._handover.link)
                 self._handover.on_done()
+                self._handover = None
 
     async def attach(self, link: trio.abc.Stream, first: bytes, peer: str, on_done: Callable[[], None]) -> None:
         """A dial-in device connected on `link`; `first` is what it sent after its id.
 
         Resource handling: the device owns `link` from now on and closes it when it is lost, replaced
         or the device stops; then it calls on_done(). A connection already open for the same device is
-        closed (its holder disconnected), so that the newest one serves.
+        closed (its client disconnected), so that the newest one serves.
         """
         self.peer = peer
         superseded, self._handover = self._handover, Handover(link, first, on_done)
         self._handover_ready.set()
-        if superseded is not None:
-            await trio.aclose_forcefully(superseded.link)
-            superseded.on_done()
         if self._link is not None:
             self.reset_link(f"replaced by a new connection from {peer}")
+        if superseded is not None:
+            superseded.on_done()
+            await trio.aclose_forcefully(superseded.link)
 
     async def _open(self, nursery: trio.Nursery) -> trio.abc.Stream | None:
         self._set_state(State.CONNECTING)
@@ -281,7 +232,7 @@ class Device:
         self._last_open_error = ""
         self.counters.link_opens += 1
         self.counters.last_connect = datetime.now(UTC)
-        self._gave_up = False
+        self.gave_up = False
         return link
 
     def _retry_note(self) -> str:
@@ -294,37 +245,40 @@ class Device:
     async def _serve_link(self, link: trio.abc.Stream, first: bytes = b"") -> str | None:
         """Reads the link until it is lost (returns why) or closed on purpose (returns None)."""
         self._link = link
-        self._fresh, self._held = self.dialin is not None, bytearray(first)
+        self._outlet = wire.Outlet(link)
+        # Held bytes are for the first client of a session; requests of exchange sharing own no such thing.
+        self.fresh, self.held = self.dialin is not None and self.config.sharing == "session", bytearray(first)
         self._last_received = trio.current_time()
         self._link_scope = scope = trio.CancelScope()
         self._link_close_reason = None
+        self._reopen_at_once = False
         # With release_port an open per client is routine, not news.
         opened = "" if self.config.release_port else f"{self.config.describe()} opened"
-        self._set_state(State.BUSY if self.holder else State.IDLE, opened)
-        self._notify()
+        self._set_state(State.IDLE, opened)
+        self.sharing.link_up()
         lost: str | None = None
         try:
             with scope:
                 lost = await self._read(link)
         finally:
             self._link = None
+            self._outlet.close()
             self._link_scope = None
             with trio.CancelScope(shield=True):
                 await trio.aclose_forcefully(link)
             self.counters.last_disconnect = datetime.now(UTC)
             if scope.cancelled_caught:
                 lost = self._link_close_reason
-            if lost is not None:
+            if lost is not None and not self._reopen_at_once:
                 self.counters.link_losses += 1
-                if self.holder is not None:
-                    self.holder.end(f"disconnected: link lost ({lost})")
+            self.sharing.link_down(lost)
             self._notify()
         return lost
 
     async def _read(self, link: trio.abc.Stream) -> str:
-        """Passes what the device sends to the current lease; returns why the link ended."""
-        counters = self.counters
-        receive = wire.reader(link, READ_SIZE)
+        """Hands what the device sends to the sharing mode; returns why the link ended."""
+        counters, sharing = self.counters, self.sharing
+        receive = wire.reader(link, self.read_size)
         while True:
             try:
                 data = await receive()
@@ -334,31 +288,106 @@ class Device:
                 return "end of file"
             counters.bytes_from_device += len(data)
             self._last_received = trio.current_time()
-            lease = self.holder
-            if lease is None and self._fresh and len(self._held) + len(data) <= HELD_LIMIT:
-                self._held += data
-                continue
-            if lease is None:
-                counters.unsolicited_bytes += len(data)
-                self._notify()
-                logger.debug(
-                    "{}: {} bytes from the device with no client holding it, dropped: {}",
-                    self.name,
-                    len(data),
-                    log.hexdump(data, 32),
-                )
-                continue
             if self.tracing:
-                logger.trace("{}: device -> {}: {}", self.name, lease.client, log.hexdump(data))
-            await lease._deliver(data)
+                logger.trace("{}: device -> {}: {}", self.name, sharing.holder or "nobody", log.hexdump(data))
+            if self.fresh and sharing.holder is None:
+                if len(self.held) + len(data) <= HELD_LIMIT:
+                    self.held += data
+                    continue
+                self.fresh = False
+            await sharing.device_bytes(data)
 
-    def check_silence(self, now: float) -> None:
+    # -- writing, and what is dropped --------------------------------------------------------------
+
+    async def write(self, data: bytes, deadline: float, source: str) -> None:
+        """Writes `data` to the device after every write that began before it, by `deadline`.
+
+        Error handling: LinkLost when there is no link or it breaks (the link is then reset);
+        trio.TooSlowError at the deadline, which the caller answers (usually by resetting the link).
+        """
+        outlet = self._outlet
+        if outlet is None or self._link is None:
+            raise LinkLost("the link is down")
+        if self.tracing:
+            logger.trace("{}: {} -> device: {}", self.name, source, log.hexdump(data))
+        try:
+            await outlet.send(data, deadline)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            self.reset_link(f"write failed: {exc}")
+            raise LinkLost(f"write failed: {exc}") from None
+        self.counters.bytes_to_device += len(data)
+
+    def unsolicited(self, data: bytes) -> None:
+        """Bytes from the device while nobody was owed anything: logged and dropped."""
+        self.counters.unsolicited_bytes += len(data)
+        self._notify()
+        logger.debug(
+            "{}: {} bytes from the device with no client holding it, dropped: {}",
+            self.name,
+            len(data),
+            log.hexdump(data, 32),
+        )
+
+    def discarded(self, data: bytes, whose: str) -> None:
+        """Bytes of an answer whose client is gone (or after a timeout): counted, logged, dropped."""
+        self.counters.discarded_bytes += len(data)
+        self._notify()
+        logger.debug(
+            "{}: {} bytes of the answer for {} dropped: {}", self.name, len(data), whose, log.hexdump(data, 32)
+        )
+
+    def discard_stale(self) -> None:
+        """Drops what is still in the kernel before a new client's turn: it was nobody's answer.
+
+        The reader gives every chunk to its owner the moment it leaves the kernel (wire.reader has no
+        scheduling point after its read), so what is still there now arrived after the last owner's
+        answer was complete.
+        """
+        if self._link is None or self.fresh:
+            return
+        dropped = discard_input(self._link)
+        if dropped:
+            self.counters.unsolicited_bytes += dropped
+            self._notify()
+            logger.debug("{}: dropped {} stale bytes before the next client", self.name, dropped)
+
+    # -- the link's lifecycle ----------------------------------------------------------------------
+
+    def reset_link(self, reason: str, *, reopen_at_once: bool = False) -> None:
+        """Closes the link as failed; it is reopened (a dial-in device's, when it calls again).
+
+        `reopen_at_once`: the link is closed only to stop what the device was sending (settling a TCP
+        device); it is reopened without waiting reconnect_interval and not counted as lost.
+        """
+        if self._link_scope is not None:
+            self._reopen_at_once = reopen_at_once and self.dialin is None
+        self._close_link(reason)
+
+    def release_link(self) -> None:
+        """release_port: closes the link on purpose when nobody needs it."""
+        self._demand = trio.Event()
+        self._close_link(None)
+
+    def demand_link(self) -> None:
+        """release_port: a client wants the link; the supervisor opens it."""
+        self.gave_up = False
+        self._demand.set()
+
+    def _close_link(self, reason: str | None) -> None:
+        if self._link_scope is not None:
+            self._link_close_reason = reason
+            self._link_scope.cancel()
+            # Nobody may start on a link that is being closed: from now on clients wait for the next.
+            self._link = None
+
+    def check_silence(self, now: float, nursery: trio.Nursery) -> None:
         """A dial-in device's silence: a ping after ping_after (when nobody holds it), closed after disconnect_after.
 
-        The dial-in server calls this for every device once a tick, which spares each device a task.
+        The dial-in server calls this for every device once a tick, which spares each device a task; a
+        ping that needs to wait for its answer runs in `nursery`.
         """
-        dialin, link = self.dialin, self._link
-        if dialin is None or link is None:
+        dialin = self.dialin
+        if dialin is None or self._link is None:
             return
         quiet_since = self._last_received
         silent = now - quiet_since
@@ -368,36 +397,22 @@ class Device:
         if silent >= dialin.idle_after and self._idle_logged != quiet_since:
             self._idle_logged = quiet_since
             logger.debug("{}: idle (silent for {:.0f} s)", self.name, silent)
-        if dialin.ping_after and silent >= dialin.ping_after and self._pinged != quiet_since and self.holder is None:
+        due = dialin.ping_after and silent >= dialin.ping_after and self._pinged != quiet_since
+        if due and self.sharing.ping(dialin.ping_bytes, nursery):
             self._pinged = quiet_since
-            try:
-                sent = os.write(wire.fileno(link), dialin.ping_bytes)
-            except OSError as exc:
-                self.reset_link(f"ping failed: {exc.strerror or exc}")
-                return
-            self.counters.bytes_to_device += sent
             logger.debug("{}: silent for {:.0f} s; ping sent", self.name, silent)
 
-    def reset_link(self, reason: str) -> None:
-        """Closes the link as failed, so a late answer cannot reach the next client; it is reopened."""
-        self._close_link(reason)
-
-    def _release_link(self) -> None:
-        """release_port: closes the link on purpose after a lease."""
-        self._close_link(None)
-
-    def _close_link(self, reason: str | None) -> None:
-        if self._link_scope is not None:
-            self._link_close_reason = reason
-            self._link_scope.cancel()
-            # No lease may start on a link that is being closed: from now on waiters wait for the next.
-            self._link = None
+    # -- what observers see ------------------------------------------------------------------------
 
     def _notify(self) -> None:
-        # Created only when someone waits: most changes (two a lease) have no observer.
+        # Created only when someone waits: most changes (two an exchange) have no observer.
         if self._changed is not None:
             self._changed.set()
             self._changed = None
+
+    def notify(self) -> None:
+        """Something an observer can see changed (a sharing mode's holder or waiters)."""
+        self._notify()
 
     async def changed(self) -> None:
         """Returns at the next change of state, holder, waiters, clients, refusals or dropped bytes."""
@@ -413,15 +428,31 @@ class Device:
         self.clients -= 1
         self._notify()
 
-    def count_exchange(self, result: str, seconds: float) -> None:
-        self.counters.exchanges[result.split(" (")[0]] += 1
-        if result != "refused":
+    def count_exchange(self, result: ExchangeResult, seconds: float) -> None:
+        self.counters.exchanges[result] += 1
+        if result != ExchangeResult.REFUSED:
             self.counters.exchange_seconds.observe(seconds)
         self._notify()
 
     def count_refusal(self, reason: str) -> None:
         self.counters.refused[reason] += 1
         self._notify()
+
+    def refusal(self) -> Refused:
+        """Why a client that waited acquire_timeout did not get the device (counted)."""
+        if self._link is None:
+            reason, detail = "offline", f"{self.config.describe()} is {self.state}"
+        elif self.holder is not None:
+            reason, detail = "busy", f"held by {self.holder}"
+        else:
+            reason, detail = "busy", "other clients were waiting first"
+        self.count_refusal(reason)
+        return Refused(reason, detail)
+
+    def set_state(self, state: State, why: str = "") -> None:
+        """A sharing mode's view of a working link: idle, busy or settling."""
+        if self._link is not None:
+            self._set_state(state, why)
 
     def _set_state(self, state: State, why: str = "") -> None:
         if state != self.state and why:
@@ -431,122 +462,3 @@ class Device:
             logger.log("WARNING" if trouble else "INFO", "{}: {}{}", self.name, why, retry)
         self.state = state
         self._notify()
-
-    # -- leases ----------------------------------------------------------------------------------
-
-    @asynccontextmanager
-    async def lease(self, client: str, sink: Sink, *, log_level: str = "INFO") -> AsyncIterator[Lease]:
-        """Waits up to acquire_timeout for the device, in arrival order, and holds it while inside.
-
-        `sink` receives every byte the device sends during the lease; `log_level` is that of the lines
-        saying who holds it (DEBUG for exchange sharing, where a lease lasts one exchange). Raises
-        Refused("busy") when another client kept the device for the whole wait, Refused("offline")
-        when the link was down.
-        """
-        lease = Lease(self, client, sink, log_level)
-        started = trio.current_time()
-        if self._lock.value and self._link is not None and not self.config.release_port:
-            # Free and open: nothing to wait for, so no timer and no scheduling round.
-            self._lock.acquire_nowait()
-            self._discard_stale(self._link)
-        else:
-            try:
-                await self._wait_for_lease()
-            except Refused:
-                self.counters.lock_wait_seconds.observe(trio.current_time() - started)
-                raise
-        if self._fresh:
-            await self._hand_over_held(lease)
-        self.holder = lease
-        lease._link = self._link
-        lease._link_fd = wire.fileno(self._link) if self._link is not None else -1
-        lease.last_activity = trio.current_time()
-        self.counters.leases_granted += 1
-        self._set_state(State.BUSY)
-        waited = trio.current_time() - started
-        self.counters.lock_wait_seconds.observe(waited)
-        logger.log(log_level, "{}: {} holds the device (waited {:.2f} s)", self.name, client, waited)
-        try:
-            yield lease
-        finally:
-            lease.release()
-
-    def _release(self, lease: Lease) -> None:
-        """Ends `lease` and hands the device to the next waiter; any task may call it, once."""
-        self.holder = None
-        if self._link is not None:
-            self._set_state(State.IDLE)
-        if self.config.release_port:
-            self._end_demand()
-            self._release_link()
-        self._lock.release()
-        self._notify()
-        logger.log(lease.log_level, "{}: {} released the device", self.name, lease.client)
-
-    async def _wait_for_lease(self) -> None:
-        """Waits, in arrival order, for the lock and an open link; Refused after acquire_timeout."""
-        holding = granted = False
-        self.waiting += 1
-        self._notify()
-        try:
-            with trio.move_on_after(self.config.acquire_timeout):
-                # acquire_nowait() first, so that acquire_timeout = 0 still takes a free device.
-                try:
-                    self._lock.acquire_nowait()
-                except trio.WouldBlock:
-                    await self._lock.acquire()
-                holding = True
-                granted = await self._wait_for_link()
-        finally:
-            self.waiting -= 1
-            self._notify()
-            if holding and not granted:
-                self._end_demand()
-                self._lock.release()
-        if not granted:
-            raise self._refusal()
-
-    async def _wait_for_link(self) -> bool:
-        """With the lock held: waits for an open link and empties it of stale bytes."""
-        if self.config.release_port:
-            self._gave_up = False
-            self._demand.set()
-        while (link := self._link) is None:
-            if self._gave_up:
-                return False
-            await self.changed()
-        self._discard_stale(link)
-        return True
-
-    async def _hand_over_held(self, lease: Lease) -> None:
-        """The first lease on a new dial-in connection gets what the device sent before anyone held it."""
-        while self._held:
-            held, self._held = bytes(self._held), bytearray()
-            await lease._deliver(held)
-        # No checkpoint from here to the lease's start: the reader cannot slip a chunk in between.
-        self._fresh = False
-
-    def _discard_stale(self, link: trio.abc.Stream) -> None:
-        if self._fresh:
-            return
-        # The reader decides whose bytes are whose the moment they leave the kernel (wire.reader has
-        # no scheduling point after its read), so what is still in the kernel now is stale.
-        dropped = discard_input(link)
-        if dropped:
-            self.counters.unsolicited_bytes += dropped
-            self._notify()
-            logger.debug("{}: dropped {} stale bytes before the next lease", self.name, dropped)
-
-    def _end_demand(self) -> None:
-        if self.config.release_port:
-            self._demand = trio.Event()
-
-    def _refusal(self) -> Refused:
-        if self._link is None:
-            reason, detail = "offline", f"{self.config.describe()} is {self.state}"
-        elif self.holder is not None:
-            reason, detail = "busy", f"held by {self.holder.client}"
-        else:
-            reason, detail = "busy", "other clients were waiting first"
-        self.count_refusal(reason)
-        return Refused(reason, detail)

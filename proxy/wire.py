@@ -10,6 +10,7 @@ cancellable, exactly when there is something to wait for.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Awaitable, Callable
 from functools import partial
@@ -22,21 +23,6 @@ def fileno(stream: trio.abc.Stream) -> int:
     if isinstance(stream, trio.SocketStream):
         return stream.socket.fileno()
     return stream.fileno()
-
-
-async def send_all(stream: trio.abc.Stream, fd: int, data: bytes) -> None:
-    """Writes all of `data`: at once when the kernel takes it, else through stream.send_all().
-
-    Error handling: a failed write raises trio.BrokenResourceError, as stream.send_all() would.
-    """
-    try:
-        sent = os.write(fd, data)
-    except BlockingIOError:
-        sent = 0
-    except OSError as exc:
-        raise trio.BrokenResourceError(f"write failed: {exc.strerror or exc}") from exc
-    if sent < len(data):
-        await stream.send_all(memoryview(data)[sent:])
 
 
 async def receive_some(stream: trio.abc.Stream, fd: int, max_bytes: int) -> bytes:
@@ -53,6 +39,66 @@ async def receive_some(stream: trio.abc.Stream, fd: int, max_bytes: int) -> byte
             continue
         except OSError as exc:
             raise trio.BrokenResourceError(f"read failed: {exc.strerror or exc}") from exc
+
+
+class Outlet:
+    """Ordered writes to one stream: at once when the kernel takes them, else in turn before a deadline.
+
+    Several tasks write to a device (a client's request, the proxy's ACK for a client that left, a
+    ping) and to a client (the device's answer, a busy answer): the bytes of one send() never interleave
+    with another's, and sends complete in the order they began. The common case is one system call and
+    no scheduling point.
+
+    Resource handling: the owner calls close() before it closes the stream, so that no write can reach a
+    file descriptor number the kernel has given to another connection since.
+    """
+
+    def __init__(self, stream: trio.abc.Stream) -> None:
+        self._stream = stream
+        self._fd = fileno(stream)
+        self._lock = trio.StrictFIFOLock()
+        # Sends that are waiting or writing in turn; while there are any, nobody may write at once.
+        self._in_turn = 0
+        self.closed = False
+
+    def close(self) -> None:
+        self.closed = True
+
+    async def send(self, data: bytes, stall_timeout: float = math.inf) -> None:
+        """Writes all of `data`; a peer that takes no byte for `stall_timeout` seconds fails the send.
+
+        A slow peer that keeps taking bytes is not a stalled one: each byte taken restarts the time.
+        Error handling: trio.BrokenResourceError when the stream fails, trio.ClosedResourceError once it
+        is closed, trio.TooSlowError when the peer stalled (part of `data` may have been written).
+        """
+        if self.closed:
+            raise trio.ClosedResourceError("closed")
+        view = memoryview(data)
+        if not self._in_turn:
+            view = view[self._write(view) :]
+            if not view:
+                return
+        self._in_turn += 1
+        try:
+            async with self._lock:
+                while view:
+                    if self.closed:
+                        raise trio.ClosedResourceError("closed")
+                    with trio.move_on_after(stall_timeout) as waited:
+                        await trio.lowlevel.wait_writable(self._fd)
+                    if waited.cancelled_caught:
+                        raise trio.TooSlowError
+                    view = view[self._write(view) :]
+        finally:
+            self._in_turn -= 1
+
+    def _write(self, view: memoryview) -> int:
+        try:
+            return os.write(self._fd, view)
+        except BlockingIOError:
+            return 0
+        except OSError as exc:
+            raise trio.BrokenResourceError(f"write failed: {exc.strerror or exc}") from exc
 
 
 def reader(stream: trio.abc.Stream, max_bytes: int) -> Callable[[], Awaitable[bytes]]:

@@ -305,9 +305,11 @@ def test_names_may_be_in_any_script():
     assert settings.devices[0].name == "касса-1"
 
 
-def test_a_log_file_that_is_a_directory_or_in_a_missing_directory_is_refused(tmp_path):
+def test_a_log_file_that_is_a_directory_or_cannot_be_created_is_refused(tmp_path):
     assert one_problem({"proxy": {"log_file": str(tmp_path)}}).startswith(
         f"[proxy]: log_file {str(tmp_path)!r} is a directory"
     )
-    missing = tmp_path / "nowhere" / "devproxy.log"
-    assert "does not exist" in one_problem({"proxy": {"log_file": str(missing)}})
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert "cannot be created" in one_problem({"proxy": {"log_file": str(blocker / "logs" / "devproxy.log")}})
+    parse({"proxy": {"log_file": str(tmp_path / "new" / "devproxy.log")}})  # missing directories are created

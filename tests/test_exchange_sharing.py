@@ -6,6 +6,7 @@ import struct
 
 import trio
 
+from proxy.counters import ExchangeResult
 from proxy.device import State
 from proxy.protocols import Frame
 from proxy.protocols.custom import Framer, build_frame, decode
@@ -17,6 +18,8 @@ from helpers import connect, receive_exactly, receive_until_closed, running_prox
 H = bytes.fromhex
 BEEP = H("01 05 00 13 3F 42 0F 00 A8")
 BEEP_ANSWER = H("06 01 04 00 13 00 00 63 7A")
+BEEP_ACK_ONLY_REQUEST = build_frame(0x01, H("3F 42 0F 00"))
+STATUS_ANSWER = H("06") + build_frame(0x01, H("00 00 63 00 01"))
 
 
 class EchoingRegister(CustomRegister):
@@ -68,7 +71,7 @@ async def test_fifty_clients_each_get_exactly_their_own_answers_in_order(pty):
             async with trio.open_nursery() as clients:
                 for number in range(50):
                     clients.start_soon(client, number)
-            assert device.counters.exchanges["ok"] == 1000
+            assert device.counters.exchanges[ExchangeResult.OK] == 1000
         nursery.cancel_scope.cancel()
 
 
@@ -85,10 +88,35 @@ async def test_the_ack_reaches_the_client_before_the_rest_of_the_answer(pty):
             assert await receive_exactly(client, 8) == BEEP_ANSWER[1:]
 
 
-async def test_a_device_that_never_answers_fails_only_that_request(pty):
+async def test_a_late_answer_goes_to_its_own_client_and_the_next_request_waits_for_it(pty):
+    device_end = pty.plug()
+    settings = settings_for(exchange_settings(pty.path, response_timeout=0.05, acquire_timeout=30))
+    async with running_proxy(settings) as running:
+        device = running.devices["ecr"]
+        await wait_for(device, lambda: device.state == State.IDLE)
+        async with await connect(running, "ecr") as slow_one, await connect(running, "ecr") as next_client:
+            await slow_one.send_all(BEEP)
+            assert await receive_exactly(device_end, 9) == BEEP
+            await wait_for(device, lambda: device.state == State.SETTLING)
+            await next_client.send_all(BEEP_ACK_ONLY_REQUEST)
+            await wait_for(device, lambda: device.waiting == 1)
+            # Past response_timeout the proxy says nothing in the device's name: no NAK reaches the client,
+            # and its late answer reaches it, not the next client.
+            await device_end.send_all(BEEP_ANSWER)
+            assert await receive_exactly(slow_one, 9) == BEEP_ANSWER
+            assert await receive_exactly(device_end, len(BEEP_ACK_ONLY_REQUEST)) == BEEP_ACK_ONLY_REQUEST
+            await device_end.send_all(STATUS_ANSWER)
+            assert await receive_exactly(next_client, len(STATUS_ANSWER)) == STATUS_ANSWER
+            assert device.counters.exchanges[ExchangeResult.LATE] == 1
+            assert device.counters.link_losses == 0
+
+
+async def test_a_serial_device_that_never_answers_holds_the_next_request_until_exchange_timeout(pty):
     device_end = pty.plug()
     settings = settings_for(
-        exchange_settings(pty.path, response_timeout=0.2, reconnect_interval=0.01, acquire_timeout=30)
+        exchange_settings(
+            pty.path, response_timeout=0.05, exchange_timeout=0.3, reconnect_interval=0.01, acquire_timeout=30
+        )
     )
     async with running_proxy(settings) as running:
         device = running.devices["ecr"]
@@ -96,19 +124,47 @@ async def test_a_device_that_never_answers_fails_only_that_request(pty):
         async with await connect(running, "ecr") as unlucky, await connect(running, "ecr") as next_client:
             await unlucky.send_all(BEEP)
             assert await receive_exactly(device_end, 9) == BEEP
-            await wait_for(device, lambda: device.holder is not None)
             await next_client.send_all(BEEP)
-            # No ACK came, so the command was not taken: the client is told NAK and may send it again.
-            assert await receive_exactly(unlucky, 1) == H("15")
+            # Nothing reaches the device until exchange_timeout has passed and the link was reset.
             assert await receive_exactly(device_end, 9) == BEEP
+            assert device.counters.exchanges[ExchangeResult.TIMEOUT] == 1
+            assert device.counters.link_losses == 1
             await device_end.send_all(BEEP_ANSWER)
             assert await receive_exactly(next_client, 9) == BEEP_ANSWER
-            assert device.counters.exchanges["timeout"] == 1
-            assert device.counters.link_losses == 1
+            # The unlucky client got nothing in the device's name, and it is still connected.
             await unlucky.send_all(BEEP)
             assert await receive_exactly(device_end, 9) == BEEP
             await device_end.send_all(BEEP_ANSWER)
             assert await receive_exactly(unlucky, 9) == BEEP_ANSWER
+
+
+async def test_a_tcp_device_that_does_not_answer_in_time_is_reset_at_once_and_its_late_answer_is_lost(tcp_device):
+    settings = settings_for(
+        {
+            "name": "ecr",
+            "type": "tcp",
+            "path": str(tcp_device.address),
+            "protocol": "custom",
+            "sharing": "exchange",
+            "response_timeout": 0.05,
+            "acquire_timeout": 30,
+        }
+    )
+    async with running_proxy(settings) as running:
+        device = running.devices["ecr"]
+        first_link = await tcp_device.next_connection()
+        async with await connect(running, "ecr") as slow_one, await connect(running, "ecr") as next_client:
+            await slow_one.send_all(BEEP)
+            assert await receive_exactly(first_link, 9) == BEEP
+            await next_client.send_all(BEEP)
+            # Closing the connection settles a TCP device: the next request goes on a new one.
+            assert await receive_until_closed(first_link) == b""
+            second_link = await tcp_device.next_connection()
+            assert await receive_exactly(second_link, 9) == BEEP
+            await second_link.send_all(BEEP_ANSWER)
+            assert await receive_exactly(next_client, 9) == BEEP_ANSWER
+            assert device.counters.exchanges[ExchangeResult.TIMEOUT] == 1
+            assert device.counters.link_losses == 0
 
 
 async def test_a_client_that_leaves_mid_exchange_does_not_leak_its_answer_to_the_next(pty):
@@ -152,7 +208,7 @@ async def test_a_refused_request_gets_the_registers_own_busy_answer_and_the_clie
             assert await receive_exactly(device_end, 9) == BEEP
             await device_end.send_all(BEEP_ANSWER)
             assert await receive_exactly(refused, 9) == BEEP_ANSWER
-            assert device.counters.exchanges["refused"] == 1
+            assert device.counters.exchanges[ExchangeResult.REFUSED] == 1
 
 
 async def test_a_corrupt_frame_is_naked_by_the_proxy_and_never_reaches_the_device(pty):
@@ -184,10 +240,10 @@ async def test_raw_exchanges_end_in_frame_gap_silence(pty):
             assert await receive_exactly(device_end, 5) == b"again"
             await device_end.send_all(b"done")
             assert await receive_exactly(second, 4) == b"done"
-            await wait_for(device, lambda: device.counters.exchanges["ok"] == 2)
+            await wait_for(device, lambda: device.counters.exchanges[ExchangeResult.OK] == 2)
 
 
-async def test_link_lost_mid_exchange_fails_the_request_and_keeps_the_client(pty):
+async def test_link_lost_before_the_answer_keeps_the_client_connected(pty):
     device_end = pty.plug()
     settings = settings_for(exchange_settings(pty.path, reconnect_interval=0.01, acquire_timeout=30))
     async with running_proxy(settings) as running:
@@ -198,13 +254,37 @@ async def test_link_lost_mid_exchange_fails_the_request_and_keeps_the_client(pty
             await client.send_all(BEEP)
             assert await receive_exactly(device_end, 9) == BEEP
             await pty.unplug()
-            assert await receive_exactly(client, 1) == H("15")
+            await wait_for(device, lambda: device.counters.exchanges[ExchangeResult.LINK_LOST] == 1)
             device_end = pty.plug()
             await wait_for(device, lambda: device.state == State.IDLE)
+            # No NAK was made up for the lost request: the next bytes the client reads are its answer.
             await client.send_all(BEEP)
             assert await receive_exactly(device_end, 9) == BEEP
             await device_end.send_all(BEEP_ANSWER)
             assert await receive_exactly(client, 9) == BEEP_ANSWER
+
+
+async def test_link_lost_mid_answer_disconnects_only_the_client_receiving_it(pty):
+    device_end = pty.plug()
+    settings = settings_for(exchange_settings(pty.path, reconnect_interval=0.01, acquire_timeout=30))
+    async with running_proxy(settings) as running:
+        device = running.devices["ecr"]
+        await wait_for(device, lambda: device.state == State.IDLE)
+        pty.release_slave()
+        async with await connect(running, "ecr") as receiving, await connect(running, "ecr") as bystander:
+            await receiving.send_all(BEEP)
+            assert await receive_exactly(device_end, 9) == BEEP
+            await device_end.send_all(BEEP_ANSWER[:4])
+            assert await receive_exactly(receiving, 4) == BEEP_ANSWER[:4]
+            await pty.unplug()
+            # Half a frame: its driver must start again from a clean frame, as on a direct line.
+            assert await receive_until_closed(receiving) == b""
+            device_end = pty.plug()
+            await wait_for(device, lambda: device.state == State.IDLE)
+            await bystander.send_all(BEEP)
+            assert await receive_exactly(device_end, 9) == BEEP
+            await device_end.send_all(BEEP_ANSWER)
+            assert await receive_exactly(bystander, 9) == BEEP_ANSWER
 
 
 async def test_a_refused_client_with_no_busy_answer_is_disconnected_and_others_go_on(pty, log_lines):

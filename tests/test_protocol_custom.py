@@ -120,27 +120,32 @@ def test_a_partial_frame_is_held_and_completed_later():
     assert framer.feed(VAT_REQUEST[5:]) == [Frame(VAT_REQUEST)]
 
 
+def feed_device(exchange, framer, data: bytes) -> bytes:
+    """The device's bytes through its framer into the exchange; what the proxy owes the device back."""
+    return b"".join(exchange.on_device(event) for event in framer.feed(data))
+
+
 def test_exchange_is_complete_after_the_response_frame_not_the_ack():
-    exchange = PROTOCOL.exchange(Frame(BEEP_REQUEST))
-    exchange.from_device(BEEP_ANSWER[:1])
-    assert not exchange.complete and exchange.answered
-    exchange.from_device(BEEP_ANSWER[1:-1])
+    exchange, framer = PROTOCOL.exchange(Frame(BEEP_REQUEST)), PROTOCOL.device_framer()
+    feed_device(exchange, framer, BEEP_ANSWER[:1])
     assert not exchange.complete
-    exchange.from_device(BEEP_ANSWER[-1:])
+    feed_device(exchange, framer, BEEP_ANSWER[1:-1])
+    assert not exchange.complete
+    feed_device(exchange, framer, BEEP_ANSWER[-1:])
     assert exchange.complete
 
 
 def test_exchange_is_complete_after_a_nak():
     exchange = PROTOCOL.exchange(Frame(BEEP_REQUEST))
-    exchange.from_device(H("15"))
+    feed_device(exchange, PROTOCOL.device_framer(), H("15"))
     assert exchange.complete
 
 
-def test_a_failed_exchange_is_naked_only_before_the_ack():
-    exchange = PROTOCOL.exchange(Frame(BEEP_REQUEST))
-    assert exchange.failure_answer() == H("15")
-    exchange.from_device(H("06"))
-    assert exchange.failure_answer() == b""
+def test_a_client_that_left_needs_nothing_played_for_it_since_the_host_never_answers():
+    exchange, framer = PROTOCOL.exchange(Frame(BEEP_REQUEST)), PROTOCOL.device_framer()
+    assert exchange.host_gone() == b""
+    assert feed_device(exchange, framer, BEEP_ANSWER) == b""
+    assert exchange.complete
 
 
 def test_busy_answer_is_ack_and_error_3505_for_the_same_command():

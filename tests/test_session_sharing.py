@@ -73,7 +73,7 @@ async def test_second_client_is_refused_with_busy_reply_after_acquire_timeout():
         async with await connect(running, "reg") as second:
             assert await receive_until_closed(second) == b"\x15\x42"
         assert device.counters.refused["busy"] == 1
-        assert device.holder is not None and device.holder.client.endswith(str(holder.socket.getsockname()[1]))
+        assert device.holder is not None and device.holder.endswith(str(holder.socket.getsockname()[1]))
         await holder.aclose()
 
 
@@ -160,13 +160,14 @@ async def test_link_lost_disconnects_the_holder_and_the_next_client_is_served_af
 
 async def test_bytes_sent_after_a_lease_ended_never_reach_the_next_client(pty):
     device_end = pty.plug()
-    settings = settings_for({"name": "stale", "type": "serial", "path": str(pty.path)})
+    settings = settings_for({"name": "stale", "type": "serial", "path": str(pty.path), "response_timeout": 0.05})
     async with running_proxy(settings) as running:
         device = running.devices["stale"]
         await wait_for(device, lambda: device.state == State.IDLE)
         async with await connect(running, "stale") as first:
             await first.send_all(b"slow request")
             assert await receive_exactly(device_end, 12) == b"slow request"
+        # No answer began within response_timeout: the device settled, and what it sends now is nobody's.
         await wait_for(device, lambda: device.holder is None)
         await device_end.send_all(b"LATE ANSWER")
         await wait_for(device, lambda: device.counters.unsolicited_bytes == 11)
@@ -240,7 +241,10 @@ async def test_client_over_max_clients_is_refused_at_once_with_busy_reply():
 
 
 async def test_release_port_opens_the_device_per_lease_and_closes_it_after(tcp_device):
-    settings = settings_for({"name": "rp", "type": "tcp", "path": str(tcp_device.address), "release_port": True})
+    # This device never answers: after each client the proxy waits response_timeout for an answer to pass on.
+    settings = settings_for(
+        {"name": "rp", "type": "tcp", "path": str(tcp_device.address), "release_port": True, "response_timeout": 0.05}
+    )
     async with running_proxy(settings) as running:
         device = running.devices["rp"]
         assert tcp_device.accepted == 0

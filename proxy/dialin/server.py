@@ -44,7 +44,7 @@ class DialinServer:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._flush_periodically)
-                nursery.start_soon(self._check_silence)
+                nursery.start_soon(self._check_silence, nursery)
                 await nursery.start(accept.serve_listeners, self._connection, listeners)
                 task_status.started()
         finally:
@@ -92,14 +92,14 @@ class DialinServer:
         await device.attach(stream, first, peer, done)
         return True
 
-    async def _check_silence(self) -> None:
+    async def _check_silence(self, nursery: trio.Nursery) -> None:
         config = self.config
         tick = min(1.0, config.disconnect_after / 4, config.idle_after / 2, (config.ping_after or 2.0) / 2)
         while True:
             await trio.sleep(tick)
             now = trio.current_time()
             for device in self._devices():
-                device.check_silence(now)
+                device.check_silence(now, nursery)
 
     async def _flush_periodically(self) -> None:
         while True:

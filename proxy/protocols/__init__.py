@@ -52,6 +52,8 @@ class Framer(Protocol):
 
     def flush(self) -> list[Event]: ...
 
+    def reset(self) -> None: ...
+
     @property
     def pending(self) -> int: ...
 
@@ -59,30 +61,27 @@ class Framer(Protocol):
 class Exchange:
     """One request and its answer, followed from both sides until the protocol says it is complete.
 
-    The proxy feeds it what the device sends (from_device) and the client's further messages while the
-    exchange runs (from_host, which says whether a message belongs to this exchange, like Shtrih's ACK
-    of the answer, or is the client's next request). Protocols whose answers end only in silence set
-    `ends_in_silence`, and the proxy calls quiet() after frame_gap without device bytes.
+    The proxy feeds it the device's messages (on_device) and the client's further messages while it
+    runs (from_host, which says whether a message belongs to it, like Shtrih's ACK of the answer, or is
+    the client's next request). Protocols whose answers end only in silence set `ends_in_silence`, and
+    the proxy calls quiet() after frame_gap without device bytes.
+
+    When the client is gone mid-exchange, host_gone() returns what the proxy sends in its place at once,
+    and from then on on_device() returns the host's part of the choreography (an ACK of the answer, an
+    EOT, a C2, a break), so that the device is free as soon as its answer is complete.
     """
 
     ends_in_silence = False
 
-    def __init__(self, device_framer: Framer) -> None:
+    def __init__(self) -> None:
         self.complete = False
-        self.answered = False
-        self._framer = device_framer
+        self.orphaned = False
 
-    def from_device(self, data: bytes) -> None:
-        """Bytes the device sent during the exchange."""
-        self.answered = True
-        for event in self._framer.feed(data):
-            if not self.complete:
-                self.on_device(event)
-
-    def on_device(self, event: Event) -> None:
-        """One message from the device; the default ends the exchange at the first frame."""
+    def on_device(self, event: Event) -> bytes:
+        """One message from the device; returns what the proxy must send for an absent host (b"")."""
         if isinstance(event, Frame):
             self.complete = True
+        return b""
 
     def from_host(self, event: Event) -> bool:
         """A client message during the exchange: True if it belongs to it (and is forwarded now)."""
@@ -90,11 +89,12 @@ class Exchange:
 
     def quiet(self) -> None:
         """frame_gap passed with no device bytes after the answer began."""
-        if self.ends_in_silence and self.answered:
+        if self.ends_in_silence:
             self.complete = True
 
-    def failure_answer(self) -> bytes:
-        """What the client is told when the device failed to answer in time, in the protocol's own way."""
+    def host_gone(self) -> bytes:
+        """The client left: what the proxy sends now in its place; afterwards on_device() answers for it."""
+        self.orphaned = True
         return b""
 
 
@@ -118,13 +118,17 @@ class DeviceProtocol:
         """A framer for the client's side of the link."""
         return self.framer()
 
+    def device_framer(self) -> Framer:
+        """A framer for the device's side of the link."""
+        return self.framer()
+
     def is_request(self, event: Event) -> bool:
         """True when `event`, sent by a client outside an exchange, starts one."""
         return isinstance(event, Frame)
 
     def exchange(self, request: Event) -> Exchange:
         """The exchange `request` starts; by default complete at the device's first frame."""
-        return Exchange(self.framer())
+        return Exchange()
 
     def busy_answer(self, request: Event) -> bytes | None:
         """The protocol's own "busy" answer to a refused request, or None when it has none."""

@@ -95,20 +95,52 @@ class Framer(ScanningFramer):
 
 
 class Atol2Exchange(Exchange):
-    """From the host's ENQ to the device's closing EOT; every host message in between belongs to it."""
+    """From the host's ENQ to the device's closing EOT; every host message in between belongs to it.
+
+    The host's turn is ENQ, frame, EOT; then the device's: ENQ, frame, EOT, each acknowledged by the
+    host. When the host is gone, the proxy ends the host's turn with EOT (if it was still open) and
+    acknowledges the device's ENQ and frame, so the device reaches its closing EOT.
+    """
 
     def __init__(self) -> None:
-        super().__init__(Framer())
+        super().__init__()
         self.answering = False
+        self.command_sent = False
+        self.host_done = False
 
-    def on_device(self, event: Event) -> None:
+    def on_device(self, event: Event) -> bytes:
         if isinstance(event, Frame):
             self.answering = True
-        elif isinstance(event, Control) and event.byte == EOT and self.answering:
+            return bytes((ACK,)) if self.orphaned else b""
+        if not isinstance(event, Control):
+            return b""
+        if event.byte == EOT and self.answering:
             self.complete = True
+        elif event.byte == ENQ and self.orphaned:
+            return bytes((ACK,))
+        elif event.byte == NAK and not self.command_sent:
+            self.complete = True  # the device refused the host's ENQ: there is no exchange
+        elif event.byte == NAK and self.orphaned and not self.answering:
+            # The device wants the command again, and nobody is there to send it: end the host's turn.
+            self.complete = True
+            return bytes((EOT,))
+        return b""
 
     def from_host(self, event: Event) -> bool:
+        if isinstance(event, Frame):
+            self.command_sent = True
+        elif isinstance(event, Control) and event.byte == EOT:
+            self.host_done = True
         return True
+
+    def host_gone(self) -> bytes:
+        self.orphaned = True
+        if self.host_done or self.answering:
+            return b""
+        self.host_done = True
+        if not self.command_sent:
+            self.complete = True  # no command was sent: nothing will be answered
+        return bytes((EOT,))
 
 
 class Atol2Protocol(DeviceProtocol):

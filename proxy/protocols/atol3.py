@@ -15,6 +15,8 @@ from proxy.protocols.framing import ScanningFramer
 START, ESCAPE = 0xFE, 0xFD
 ESCAPED = {0xEE: 0xFE, 0xED: 0xFD}
 ASYNC_ID = 0xF0
+# Host packet IDs run 00..DF and wrap.
+HOST_IDS = 0xE0
 MAX_DATA = 0x3FFF
 ADD, ACK_RESULT, REQUEST, ABORT, ACK_ADD = 0xC1, 0xC2, 0xC3, 0xC4, 0xC5
 FINAL_RESULTS = (0xA3, 0xA4, 0xA6, 0xA7)
@@ -123,41 +125,59 @@ class Atol3Exchange(Exchange):
 
     A task added with the async flag is answered "pending" (A1) and its result comes later in an
     asynchronous packet (ID F0) with the same task ID: the exchange waits for it. After a final result
-    (A3, A4, A6, A7) it lasts until the host's C2 (or C5) packet has been answered too.
+    (A3, A4, A6, A7) it lasts until the host's C2 (or C5) packet has been answered too. When the host is
+    gone, the proxy sends that C2 itself, so the result does not stay in the device's task buffer.
     """
 
     def __init__(self, request: bytes) -> None:
-        super().__init__(Framer())
+        super().__init__()
         self.packet_id = request[3] if len(request) > 3 else -1
         data = _unescape(request[4:]) if len(request) > 4 else b""
         self.waits_async = len(data) >= 3 and data[0] in (ADD, ACK_ADD) and bool(data[1] & ASYNC_FLAG)
-        self.task_id = data[2] if len(data) >= 3 else -1
+        self.task_id = data[2] if len(data) >= 3 else (data[1] if len(data) == 2 else -1)
         self.awaiting_ack = False
+        self.ack_sent = False
 
-    def on_device(self, event: Event) -> None:
+    def on_device(self, event: Event) -> bytes:
         if not isinstance(event, Frame) or len(event.raw) < 5:
-            return
+            return b""
         packet_id, data = event.raw[3], _unescape(event.raw[4:])
         if packet_id == ASYNC_ID and self.waits_async and data[1:2] == bytes((self.task_id,)):
             self.waits_async = False
             self.awaiting_ack = data[:1] != b"" and data[0] in FINAL_RESULTS
             self.complete = not self.awaiting_ack
         elif packet_id != self.packet_id:
-            return
-        elif self.awaiting_ack:
+            return b""
+        elif self.ack_sent:
             self.complete = True
         elif data[:1] and data[0] in FINAL_RESULTS:
             self.awaiting_ack = True
+            if len(data) > 1:
+                self.task_id = data[1]
         elif not (self.waits_async and data[:1] == bytes((PENDING,))):
             self.complete = True
+        return self._acknowledge() if self.orphaned else b""
 
     def from_host(self, event: Event) -> bool:
         if self.awaiting_ack and isinstance(event, Frame) and len(event.raw) > 4:
             data = _unescape(event.raw[4:])
             if data[:1] in (bytes((ACK_RESULT,)), bytes((ACK_ADD,))):
                 self.packet_id = event.raw[3]
+                self.ack_sent = True
                 return True
         return False
+
+    def host_gone(self) -> bytes:
+        self.orphaned = True
+        return self._acknowledge()
+
+    def _acknowledge(self) -> bytes:
+        """The C2 the absent host owes a final result, once; the exchange ends at its reply."""
+        if not self.awaiting_ack or self.ack_sent or self.complete:
+            return b""
+        self.ack_sent = True
+        self.packet_id = (self.packet_id + 1) % HOST_IDS if self.packet_id >= 0 else 0
+        return build_packet(self.packet_id, bytes((ACK_RESULT, self.task_id & 0xFF)))
 
 
 class Atol3Protocol(DeviceProtocol):

@@ -113,22 +113,12 @@ class Framer(ScanningFramer):
 class CustomExchange(Exchange):
     """Complete when the response frame has arrived, or a NAK refused the request."""
 
-    def __init__(self, request: bytes) -> None:
-        super().__init__(Framer(from_device=True))
-        self._command = request[3] if len(request) > 3 else 0
-        self.acked = False
-
-    def on_device(self, event: Event) -> None:
+    def on_device(self, event: Event) -> bytes:
         if isinstance(event, Control):
-            self.acked = self.acked or event.byte == ACK
             self.complete = event.byte == NAK
         elif isinstance(event, Frame):
             self.complete = True
-
-    def failure_answer(self) -> bytes:
-        # Before the ACK the command was not taken, so a NAK makes the host send it again; after the
-        # ACK it may be running, and the host must query the register rather than resend it.
-        return b"" if self.acked else bytes((NAK,))
+        return b""
 
 
 class CustomProtocol(DeviceProtocol):
@@ -139,8 +129,11 @@ class CustomProtocol(DeviceProtocol):
     def host_framer(self) -> Framer:
         return Framer(from_device=False)
 
+    def device_framer(self) -> Framer:
+        return Framer(from_device=True)
+
     def exchange(self, request: Event) -> CustomExchange:
-        return CustomExchange(request.raw)
+        return CustomExchange()
 
     def busy_answer(self, request: Event) -> bytes | None:
         """ACK, then a response with error 3505 ("protocol held by another connection")."""

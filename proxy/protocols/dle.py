@@ -98,9 +98,10 @@ class Framer(ScanningFramer):
 
 
 class DleExchange(Exchange):
-    def on_device(self, event: Event) -> None:
+    def on_device(self, event: Event) -> bytes:
         if isinstance(event, Frame) or (isinstance(event, Control) and event.byte in (ACK, NAK)):
             self.complete = True
+        return b""
 
 
 class DleProtocol(DeviceProtocol):
@@ -108,7 +109,7 @@ class DleProtocol(DeviceProtocol):
     framer = Framer
 
     def exchange(self, request: Event) -> DleExchange:
-        return DleExchange(Framer())
+        return DleExchange()
 
 
 PROTOCOL = DleProtocol()

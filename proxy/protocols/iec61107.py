@@ -116,33 +116,69 @@ def is_sign_on(message: bytes) -> bool:
     return message.startswith(b"/?") and message.endswith(b"!\r\n") and b"(" not in message
 
 
+def option_select_readout(message: bytes) -> bool:
+    """ACK V Z 0 CR LF: the host asks for the data readout, which ends the session."""
+    return len(message) == 6 and message[0] == ACK and message[3:4] == b"0"
+
+
 class IecExchange(Exchange):
-    """A session from sign-on to break, or one message and its reply."""
+    """A session from sign-on to break (or to the end of a data readout), or one message and its reply.
+
+    Each host message in a session waits for the meter's reply. When the host is gone, the proxy lets
+    the reply it waits for finish (acknowledging partial blocks so the meter reaches the last one), then
+    sends the break with the BCC the meter itself uses, and the session ends.
+    """
 
     def __init__(self, request: bytes) -> None:
-        super().__init__(Framer(from_host=False))
+        super().__init__()
         self.session = is_sign_on(request)
         # A broadcast (/?CTIME(...)!) and a break get no answer.
         self.complete = (request.startswith(b"/?") and not self.session) or request[:4] == BREAK
+        self._awaiting_reply = not self.complete
+        self._readout = False
         self._block_pending = False
+        self._energomera_bcc = False
 
-    def on_device(self, event: Event) -> None:
-        if self.session:
-            return
-        if isinstance(event, Frame) and event.raw[-2:-1] == bytes((EOT,)):
-            self._block_pending = True  # a partial block: the host ACKs for the next one
-        elif isinstance(event, (Frame, Control)):
+    def on_device(self, event: Event) -> bytes:
+        partial = isinstance(event, Frame) and event.raw[-2:-1] == bytes((EOT,))
+        if isinstance(event, Frame) and event.raw[:1] in (b"\x01", b"\x02"):
+            body = event.raw[1:-1]
+            self._energomera_bcc = event.raw[-1] == bcc_sum(body) != bcc_xor(body)
+        if partial:
+            # A partial block: the host ACKs for the next one.
+            self._block_pending = True
+            return bytes((ACK,)) if self.orphaned else b""
+        if not isinstance(event, (Frame, Control)):
+            return b""
+        self._awaiting_reply = False
+        if not self.session or self._readout:
             self.complete = True
+        elif self.orphaned:
+            return self._end_session()
+        return b""
 
     def from_host(self, event: Event) -> bool:
         if self.session:
             if isinstance(event, Frame) and event.raw[:4] == BREAK:
                 self.complete = True
+            elif isinstance(event, Frame) and option_select_readout(event.raw):
+                self._readout = True
+            self._awaiting_reply = not self.complete
             return True
         if self._block_pending and isinstance(event, Control):
             self._block_pending = False
             return True
         return False
+
+    def host_gone(self) -> bytes:
+        self.orphaned = True
+        if self.session and not self._awaiting_reply and not self.complete:
+            return self._end_session()
+        return b""
+
+    def _end_session(self) -> bytes:
+        self.complete = True
+        return command("B0", energomera=self._energomera_bcc)
 
 
 class IecProtocol(DeviceProtocol):
@@ -152,6 +188,9 @@ class IecProtocol(DeviceProtocol):
 
     def host_framer(self) -> Framer:
         return Framer(from_host=True)
+
+    def device_framer(self) -> Framer:
+        return Framer(from_host=False)
 
     def exchange(self, request: Event) -> IecExchange:
         return IecExchange(request.raw)

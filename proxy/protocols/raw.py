@@ -44,8 +44,9 @@ class SilenceFramer:
 class RawExchange(Exchange):
     ends_in_silence = True
 
-    def on_device(self, event: Event) -> None:
+    def on_device(self, event: Event) -> bytes:
         """Device bytes never end a raw exchange by themselves; frame_gap of silence does."""
+        return b""
 
 
 class RawProtocol(DeviceProtocol):
@@ -55,7 +56,7 @@ class RawProtocol(DeviceProtocol):
     partial_timeout = 0.0  # unused: a raw message ends in frame_gap of silence
 
     def exchange(self, request: Event) -> RawExchange:
-        return RawExchange(SilenceFramer())
+        return RawExchange()
 
 
 PROTOCOL = RawProtocol()

@@ -73,31 +73,42 @@ class Framer(ScanningFramer):
 
 
 class ShtrihExchange(Exchange):
-    """ENQ or a frame, the device's ACK/NAK, its response frame, and the host's ACK/NAK of it."""
+    """ENQ or a frame, the device's ACK/NAK, its response frame, and the host's ACK/NAK of it.
 
-    def __init__(self, request: Event) -> None:
-        super().__init__(Framer())
-        self.enquiry = isinstance(request, Control)
+    An ENQ from the host mid-exchange (its answer timeout fired) goes to the device, which answers ACK
+    while it prepares the answer or sends the pending one. When the host is gone, the proxy ACKs the
+    response frame in its place, as a driver would.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
         self.answer_pending = False
-        self.acked = False
 
-    def on_device(self, event: Event) -> None:
+    def on_device(self, event: Event) -> bytes:
         if isinstance(event, Control) and event.byte == NAK:
             # To ENQ: idle, nothing pending. To a frame: an interface error, the host may resend.
             self.complete = True
-        elif isinstance(event, Control) and event.byte == ACK:
-            self.acked = True
         elif isinstance(event, Frame):
             self.answer_pending = True
+            if self.orphaned:
+                self.complete = True
+                return bytes((ACK,))
+        return b""
 
     def from_host(self, event: Event) -> bool:
-        if self.answer_pending and isinstance(event, Control) and event.byte in (ACK, NAK):
+        if not isinstance(event, Control):
+            return False
+        if self.answer_pending and event.byte in (ACK, NAK):
             self.complete = True
             return True
-        return False
+        return event.byte == ENQ
 
-    def failure_answer(self) -> bytes:
-        return b"" if self.acked else bytes((NAK,))
+    def host_gone(self) -> bytes:
+        self.orphaned = True
+        if self.answer_pending:
+            self.complete = True
+            return bytes((ACK,))
+        return b""
 
 
 class ShtrihProtocol(DeviceProtocol):
@@ -109,7 +120,7 @@ class ShtrihProtocol(DeviceProtocol):
         return isinstance(event, Frame) or (isinstance(event, Control) and event.byte == ENQ)
 
     def exchange(self, request: Event) -> ShtrihExchange:
-        return ShtrihExchange(request)
+        return ShtrihExchange()
 
     def reject_answer(self, junk: Junk) -> bytes | None:
         return bytes((NAK,)) if junk.raw[:1] == bytes((STX,)) else None

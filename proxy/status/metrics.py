@@ -9,7 +9,8 @@ from itertools import accumulate
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
-from proxy.device import BUCKETS, Device, Histogram, State
+from proxy.counters import BUCKETS, ExchangeResult, Histogram
+from proxy.device import UP_STATES, Device
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -30,6 +31,11 @@ class DeviceCollector:
             "devproxy_exchanges", "Exchanges by result (exchange sharing)", labels=["device", "result"]
         )
         refused = CounterMetricFamily("devproxy_refused", "Clients refused, by reason", labels=["device", "reason"])
+        discarded = CounterMetricFamily(
+            "devproxy_discarded_bytes",
+            "Bytes of answers dropped while the device settled (their client had left, or they came too late)",
+            labels=["device"],
+        )
         clients = GaugeMetricFamily("devproxy_clients", "Connected clients", labels=["device"])
         waiting = GaugeMetricFamily("devproxy_waiting_clients", "Clients waiting for the device", labels=["device"])
         lock_wait = HistogramMetricFamily(
@@ -40,18 +46,19 @@ class DeviceCollector:
         )
         for device in devices:
             name, counters = device.name, device.counters
-            up.add_metric([name], 1 if device.state in (State.IDLE, State.BUSY) else 0)
+            up.add_metric([name], 1 if device.state in UP_STATES else 0)
             traffic.add_metric([name, "to_device"], counters.bytes_to_device)
             traffic.add_metric([name, "from_device"], counters.bytes_from_device)
-            for result in sorted({"ok", "timeout", "refused", *counters.exchanges}):
-                exchanges.add_metric([name, result], counters.exchanges[result])
+            for result in ExchangeResult:
+                exchanges.add_metric([name, str(result)], counters.exchanges[result])
             for reason in ("busy", "offline", "too many clients", "not allowed"):
                 refused.add_metric([name, reason], counters.refused.get(reason, 0))
+            discarded.add_metric([name], counters.discarded_bytes)
             clients.add_metric([name], device.clients)
             waiting.add_metric([name], device.waiting)
             lock_wait.add_metric([name], _buckets(counters.lock_wait_seconds), counters.lock_wait_seconds.total)
             exchange_seconds.add_metric([name], _buckets(counters.exchange_seconds), counters.exchange_seconds.total)
-        yield from (up, traffic, exchanges, refused, clients, waiting, lock_wait, exchange_seconds)
+        yield from (up, traffic, exchanges, refused, discarded, clients, waiting, lock_wait, exchange_seconds)
 
 
 def _buckets(histogram: Histogram) -> list[tuple[str, float]]:

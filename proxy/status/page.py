@@ -35,6 +35,7 @@ th, td { border: 1px solid #ccc; padding: 0.3em 0.6em; text-align: left; white-s
 th { background: #f2f2f2; }
 td.state-idle { background: #e3f6e3; } td.state-busy { background: #fff3cd; }
 td.state-offline { background: #f8d7da; } td.state-connecting { background: #e2e3f3; }
+td.state-settling { background: #ffe5b4; }
 form { margin: 1em 0; font-size: 0.85em; } label { margin-right: 0.8em; white-space: nowrap; }
 """
 

@@ -173,12 +173,11 @@ class StatusServer:
         return _error(404, f"no such page: {path}")
 
     def _disconnect(self, device: Device) -> Response:
-        holder = device.holder
+        holder = device.sharing.disconnect_holder()
         if holder is None:
             return _error(409, f"no client holds {device.name}")
-        logger.info("{}: status API ends the lease of {}", device.name, holder.client)
-        holder.end("disconnected through the status API")
-        return _json(200, {"disconnected": holder.client})
+        logger.info("{}: status API disconnected {}", device.name, holder)
+        return _json(200, {"disconnected": holder})
 
 
 def _not_allowed(allowed: str) -> Response:

@@ -6,7 +6,8 @@ from datetime import datetime
 from typing import Any
 
 from proxy.config import Address
-from proxy.device import Device, State
+from proxy.counters import ExchangeResult
+from proxy.device import UP_STATES, Device
 
 FIELDS = (
     "name",
@@ -45,7 +46,7 @@ def _where(device: Device) -> str | None:
 def device_snapshot(device: Device, listen: list[Address]) -> dict[str, Any]:
     """The device's fields, named as in FIELDS; times in ISO 8601 UTC or None."""
     config, counters = device.config, device.counters
-    up = device.state in (State.IDLE, State.BUSY)
+    up = device.state in UP_STATES
     return {
         "name": device.name,
         "type": config.type,
@@ -54,12 +55,12 @@ def device_snapshot(device: Device, listen: list[Address]) -> dict[str, Any]:
         "sharing": config.sharing,
         "state": str(device.state),
         "listen": [str(address) for address in listen],
-        "holder": device.holder.client if device.holder is not None else None,
+        "holder": device.holder,
         "waiting": device.waiting,
         "clients": device.clients,
         "bytes_to_device": counters.bytes_to_device,
         "bytes_from_device": counters.bytes_from_device,
-        "exchanges": sum(count for result, count in counters.exchanges.items() if result != "refused"),
+        "exchanges": sum(count for result, count in counters.exchanges.items() if result != ExchangeResult.REFUSED),
         "refused": sum(counters.refused.values()),
         "connected_since": _iso(counters.last_connect) if up else None,
         "last_connect": _iso(counters.last_connect),

@@ -1,0 +1,503 @@
+"""Exchange sharing (ECRService): clients stay connected and take turns, one request and answer at a time.
+
+Each client's task splits what it sends into the protocol's requests and queues them at the device, in
+order; a message that belongs to the client's exchange in progress (a Shtrih host ACK, say) goes to the
+device at once. The device keeps one queue for all clients. The device's reader drives the rest: it
+streams each answer back to its client as it arrives (an ACK before the rest), and when the protocol says
+the exchange is complete it writes the next queued request. One clock task per device keeps the times:
+response_timeout, exchange_timeout, frame_gap (raw) and acquire_timeout for queued requests.
+
+The device is never given to the next request while it may still be answering the last one (settling):
+when the client left mid-exchange the proxy plays the rest of the host's part (an ACK, an EOT, a C2, a
+break) and drops the answer; when the first byte is late the device waits for it until exchange_timeout
+(a TCP device is reset at once instead). After a timeout the proxy never answers in the device's name:
+the client's own driver timeout applies, as on a direct line. When the link is lost mid-answer, the client
+receiving that answer is disconnected, so that its driver starts again from a clean frame.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from typing import TYPE_CHECKING
+
+import trio
+from loguru import logger
+
+from proxy import log, wire
+from proxy.answers import Answer, Verdict
+from proxy.config import AUTO
+from proxy.counters import ExchangeResult
+from proxy.device import BROKEN, LinkLost, State
+from proxy.protocols import Event, Frame, Junk
+
+if TYPE_CHECKING:
+    from proxy.clients import Client
+    from proxy.device import Device
+
+# Requests a client may have at the device (queued or running) before the proxy stops reading from it
+# (TCP then pushes back on the client).
+QUEUED_REQUESTS = 64
+PING = "ping"
+
+
+class Queued:
+    """A request waiting for the device; `client` is None for the proxy's own (a ping)."""
+
+    __slots__ = ("client", "queued_at", "request", "then")
+
+    def __init__(self, client: ExchangeClient | None, request: Event, queued_at: float) -> None:
+        self.client = client
+        self.request = request
+        self.queued_at = queued_at
+        # What the proxy itself answers the client after this request's answer (a NAK for a corrupt
+        # frame the client sent next), so that the client sees answers in the order it asked.
+        self.then = b""
+
+
+class Flight:
+    """The request the device is answering now."""
+
+    __slots__ = ("answer", "answer_head", "answer_size", "orphan_pending", "queued")
+
+    def __init__(self, queued: Queued, answer: Answer) -> None:
+        self.queued = queued
+        self.answer = answer
+        self.answer_head = b""
+        self.answer_size = 0
+        # The client left; the clock plays the host's part for it at its next tick.
+        self.orphan_pending = False
+
+    @property
+    def client(self) -> ExchangeClient | None:
+        return self.queued.client
+
+    @property
+    def name(self) -> str:
+        return self.queued.client.name if self.queued.client is not None else PING
+
+
+class ExchangeSharing:
+    """The device's queue of requests, the one in flight, and the clock that keeps their times."""
+
+    needs_task = True
+
+    def __init__(self, device: Device) -> None:
+        self.device = device
+        self.config = device.config
+        self.protocol = device.protocol
+        self._queue: deque[Queued] = deque()
+        self._flight: Flight | None = None
+        # One framer for the device's side, reset at each request; raw answers need none.
+        self._framer = self.protocol.device_framer() if device.config.protocol != "raw" else None
+        self._wake_at = math.inf
+        self._clock: trio.CancelScope | None = None
+
+    @property
+    def holder(self) -> str | None:
+        return self._flight.name if self._flight is not None else None
+
+    @property
+    def waiting(self) -> int:
+        return len(self._queue)
+
+    # -- the clock -------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """The device's clock: wakes at the earliest deadline of the request in flight and the queue."""
+        while True:
+            with trio.CancelScope(deadline=self._wake_at) as self._clock:
+                await trio.sleep_forever()
+            self._clock = None
+            self._wake_at = math.inf
+            await self._tick()
+
+    def _arm(self, when: float) -> None:
+        """Makes the clock wake no later than `when`; deadlines that moved later are found at the wake."""
+        if when < self._wake_at:
+            self._wake_at = when
+            if self._clock is not None:
+                self._clock.deadline = when
+
+    async def _tick(self) -> None:
+        now = trio.current_time()
+        flight = self._flight
+        if flight is not None and flight.orphan_pending:
+            await self._orphan(flight)
+        flight = self._flight
+        if flight is not None:
+            await self._check(flight, now)
+        if self._flight is None and self.device.link_up:
+            await self._start_next()
+        await self._expire(trio.current_time())
+        if self._flight is not None:
+            self._arm(self._flight.answer.deadline())
+        if self._queue:
+            self._arm(self._queue[0].queued_at + self.config.acquire_timeout)
+
+    async def _check(self, flight: Flight, now: float) -> None:
+        device, config = self.device, self.config
+        verdict = flight.answer.check(now)
+        if verdict is Verdict.COMPLETE:
+            await self._finish(flight)
+        elif verdict is Verdict.NO_ANSWER:
+            self._fail(flight, ExchangeResult.TIMEOUT, "no answer within response_timeout")
+        elif verdict is Verdict.EXPIRED:
+            self._fail(flight, ExchangeResult.TIMEOUT, "not complete within exchange_timeout")
+            device.reset_link(f"exchange for {flight.name} not complete within exchange_timeout")
+        elif verdict is Verdict.LATE and device.reset_settles:
+            self._fail(flight, ExchangeResult.TIMEOUT, "no answer within response_timeout")
+            device.reset_link(f"no answer to {flight.name} within response_timeout", reopen_at_once=True)
+        elif verdict is Verdict.LATE:
+            device.set_state(State.SETTLING)
+            logger.info(
+                "{}: settling: no answer to {} within response_timeout = {:g} s; the device may still be "
+                "answering, so the next request waits for it (at most exchange_timeout = {:g} s)",
+                device.name,
+                flight.name,
+                config.response_timeout,
+                config.exchange_timeout,
+            )
+
+    async def _expire(self, now: float) -> None:
+        """Refuses the queued requests that waited acquire_timeout (all of them when the device gave up)."""
+        queue, limit = self._queue, self.config.acquire_timeout
+        while queue and (self.device.gave_up or queue[0].queued_at + limit <= now):
+            queued = queue.popleft()
+            self.device.notify()
+            if queued.client is not None and not queued.client.gone:
+                await self._refuse(queued)
+
+    async def _refuse(self, queued: Queued) -> None:
+        device, client = self.device, queued.client
+        refusal = device.refusal()
+        device.counters.lock_wait_seconds.observe(trio.current_time() - queued.queued_at)
+        device.count_exchange(ExchangeResult.REFUSED, 0.0)
+        answer = self.config.busy_reply
+        if answer == AUTO:
+            answer = self.protocol.busy_answer(queued.request) or b""
+        logger.info(
+            "{}: request of client {} refused: {}{}",
+            device.name,
+            client.name,
+            refusal,
+            "" if answer else "; closing the connection (no busy answer to give)",
+        )
+        if not answer:
+            client.done(queued)
+            client.client.disconnect(f"refused ({refusal.reason}), no busy answer to give")
+            return
+        await client.answer(queued, answer)
+
+    # -- requests in and out ---------------------------------------------------------------------
+
+    async def submit(self, queued: Queued) -> None:
+        """Queues a client's request, and starts it at once when the device is free."""
+        device = self.device
+        if self._flight is None and not self._queue and device.link_up:
+            await self._start(queued)
+            return
+        self._queue.append(queued)
+        device.notify()
+        if self.config.release_port and not device.link_up:
+            device.demand_link()
+        self._arm(trio.current_time() if device.gave_up else queued.queued_at + self.config.acquire_timeout)
+
+    async def _start_next(self) -> None:
+        queue = self._queue
+        while queue and self._flight is None:
+            queued = queue.popleft()
+            self.device.notify()
+            if queued.client is not None and queued.client.gone:
+                continue
+            await self._start(queued)
+            return
+        if not queue and self._flight is None:
+            self.device.set_state(State.IDLE)
+            if self.config.release_port and self.device.link_up:
+                self.device.release_link()
+
+    async def _start(self, queued: Queued) -> None:
+        """Makes `queued` the request in flight and writes it; the device's reader takes it from there."""
+        device, config = self.device, self.config
+        now = trio.current_time()
+        flight = Flight(queued, Answer(self.protocol.exchange(queued.request), config, now))
+        self._flight = flight
+        if self._framer is not None:
+            self._framer.reset()
+        device.discard_stale()
+        device.counters.leases_granted += 1
+        device.counters.lock_wait_seconds.observe(now - queued.queued_at)
+        device.set_state(State.BUSY)
+        self._arm(now + config.response_timeout)
+        try:
+            await device.write(queued.request.raw, config.response_timeout, flight.name)
+        except LinkLost:
+            if self._flight is flight:
+                self._fail(flight, ExchangeResult.LINK_LOST, "the link was lost")
+        except trio.TooSlowError:
+            if self._flight is flight:
+                self._fail(flight, ExchangeResult.TIMEOUT, "the device did not take the request")
+                device.reset_link(f"the device took no byte of {flight.name}'s request for response_timeout")
+
+    async def from_host(self, client: ExchangeClient, event: Event) -> bool:
+        """A client's message that belongs to its exchange in flight goes to the device now; else False."""
+        flight = self._flight
+        if flight is None or flight.client is not client or flight.answer.complete:
+            return False
+        if not flight.answer.exchange.from_host(event):
+            return False
+        try:
+            await self.device.write(event.raw, self.config.response_timeout, client.name)
+        except LinkLost:
+            pass  # the link's loss ends the exchange
+        except trio.TooSlowError:
+            self.device.reset_link(f"the device took no byte from {client.name} for response_timeout")
+        if flight.answer.complete and self._flight is flight:
+            await self._finish(flight)
+        return True
+
+    # -- the device's side -----------------------------------------------------------------------
+
+    async def device_bytes(self, data: bytes) -> None:
+        flight = self._flight
+        if flight is None:
+            self.device.unsolicited(data)
+            return
+        now = trio.current_time()
+        answer = flight.answer
+        replies = answer.feed(self._framer.feed(data) if self._framer is not None else [], now)
+        if replies:
+            await self._write_for_absent_host(flight, replies)
+        if len(flight.answer_head) < 32:
+            flight.answer_head += data[: 32 - len(flight.answer_head)]
+        flight.answer_size += len(data)
+        client = flight.client
+        if client is None or client.gone or not await client.client.send(data):
+            self.device.discarded(data, flight.name)
+        if answer.complete:
+            if self._flight is flight:
+                await self._finish(flight)
+        elif answer.exchange.ends_in_silence:
+            self._arm(answer.deadline())
+
+    async def _write_for_absent_host(self, flight: Flight, replies: bytes) -> None:
+        try:
+            await self.device.write(replies, self.config.response_timeout, f"the proxy for {flight.name}")
+        except LinkLost:
+            pass
+        except trio.TooSlowError:
+            self.device.reset_link("the device took no byte for response_timeout")
+
+    async def _finish(self, flight: Flight) -> None:
+        """The exchange is complete: counted, its client told what follows it, the next request started."""
+        self._flight = None
+        client, answer = flight.client, flight.answer
+        if client is None:
+            result = None
+        elif client.gone or flight.orphan_pending or answer.exchange.orphaned:
+            result = ExchangeResult.CLIENT_GONE
+        else:
+            result = ExchangeResult.LATE if answer.late else ExchangeResult.OK
+        self._log(flight, result or "ok")
+        if result is not None:
+            self.device.count_exchange(result, trio.current_time() - answer.sent_at)
+        if client is not None:
+            await client.answer(flight.queued, b"")
+        await self._start_next()
+
+    def _fail(self, flight: Flight, result: ExchangeResult, why: str) -> None:
+        """The exchange ends without a complete answer. Must not wait: the link's loss calls it."""
+        self._flight = None
+        client = flight.client
+        self._log(flight, f"{result} ({why})")
+        if client is None:
+            return
+        self.device.count_exchange(result, trio.current_time() - flight.answer.sent_at)
+        client.done(flight.queued)
+        if flight.answer.answered and not client.gone:
+            # The client has part of an answer: a direct line would have dropped it here too, and its
+            # driver starts again from a clean frame.
+            client.client.disconnect(f"disconnected: {why} while it was receiving an answer")
+
+    def _log(self, flight: Flight, result: str) -> None:
+        logger.opt(lazy=True).debug(
+            "{}: {} exchange for {}: {} -> {} ({} bytes) in {:.3f} s",
+            lambda: self.device.name,
+            lambda: result,
+            lambda: flight.name,
+            lambda: log.hexdump(flight.queued.request.raw, 16),
+            lambda: log.hexdump(flight.answer_head, 16) or "nothing",
+            lambda: flight.answer_size,
+            lambda: trio.current_time() - flight.answer.sent_at,
+        )
+
+    async def _orphan(self, flight: Flight) -> None:
+        """The flight's client left: the proxy plays the rest of the host's part, and the device settles."""
+        flight.orphan_pending = False
+        exchange = flight.answer.exchange
+        replies = exchange.host_gone()
+        if replies:
+            await self._write_for_absent_host(flight, replies)
+        if self._flight is not flight:
+            return
+        if exchange.complete:
+            await self._finish(flight)
+            return
+        self.device.set_state(State.SETTLING)
+        logger.info(
+            "{}: settling: {} left while the device was answering it; the next request goes when the answer "
+            "is complete (at most exchange_timeout = {:g} s)",
+            self.device.name,
+            flight.name,
+            self.config.exchange_timeout,
+        )
+
+    def client_left(self, client: ExchangeClient) -> None:
+        """`client` is gone: its queued requests are dropped, its request in flight settles without it."""
+        flight = self._flight
+        if flight is not None and flight.client is client and not flight.answer.complete:
+            flight.orphan_pending = True
+            self._arm(trio.current_time())
+        if any(queued.client is client for queued in self._queue):
+            self._queue = deque(queued for queued in self._queue if queued.client is not client)
+            self.device.notify()
+
+    # -- the link, the status API, pings ---------------------------------------------------------
+
+    def link_up(self) -> None:
+        if self._queue:
+            self._arm(trio.current_time())
+
+    def link_down(self, reason: str | None) -> None:
+        flight = self._flight
+        if flight is not None:
+            self._fail(flight, ExchangeResult.LINK_LOST, f"link lost ({reason or 'closed'})")
+
+    def gave_up(self) -> None:
+        self._arm(trio.current_time())
+
+    def disconnect_holder(self) -> str | None:
+        flight = self._flight
+        if flight is None or flight.client is None or flight.client.gone:
+            return None
+        flight.client.client.disconnect("disconnected through the status API")
+        return flight.name
+
+    def ping(self, data: bytes, nursery: trio.Nursery) -> bool:
+        if self._flight is not None or self._queue or not self.device.link_up:
+            return False
+        self._queue.append(Queued(None, Frame(data), trio.current_time()))
+        self._arm(trio.current_time())
+        return True
+
+    async def serve(self, client: Client) -> str:
+        return await ExchangeClient(self, client).serve()
+
+
+class ExchangeClient:
+    """One client connection under exchange sharing: its requests, in order, and what it is owed."""
+
+    def __init__(self, sharing: ExchangeSharing, client: Client) -> None:
+        self.sharing = sharing
+        self.client = client
+        self.name = client.name
+        self.device = sharing.device
+        self.protocol = sharing.protocol
+        # Requests at the device, queued or in flight; the last one submitted.
+        self.outstanding = 0
+        self._last: Queued | None = None
+        self._changed: trio.Event | None = None
+
+    @property
+    def gone(self) -> bool:
+        return self.client.gone is not None
+
+    async def serve(self) -> str:
+        """Reads requests until the client closes; answers its remaining requests; returns how it ended."""
+        why = "cancelled"
+        try:
+            why = await self._read_requests()
+            if why == "closed the connection":
+                # It only closed its sending side: it still gets the answers to what it asked.
+                while self.outstanding and not self.gone:
+                    await self._wait_for_change()
+            return why
+        finally:
+            self.client.leaving(why)
+            self.sharing.client_left(self)
+
+    async def _wait_for_change(self) -> None:
+        self._changed = trio.Event()
+        await self._changed.wait()
+
+    def done(self, queued: Queued) -> None:
+        """One of this client's requests left the device (answered, failed or refused)."""
+        self.outstanding -= 1
+        if queued is self._last:
+            self._last = None
+        if self._changed is not None:
+            self._changed.set()
+            self._changed = None
+
+    async def answer(self, queued: Queued, data: bytes) -> None:
+        """Ends `queued` for this client, with `data` (a busy answer) and what the proxy owes it after."""
+        self.done(queued)
+        data += queued.then
+        if data and not self.gone:
+            await self.client.send(data)
+
+    async def _read_requests(self) -> str:
+        device, protocol = self.device, self.protocol
+        framer = protocol.host_framer()
+        receive = wire.reader(self.client.stream, device.read_size)
+        silence = device.config.frame_gap if protocol.request_ends_in_silence else protocol.partial_timeout
+        junk_logged = False
+        while True:
+            try:
+                if framer.pending:
+                    data = None
+                    with trio.move_on_after(silence):
+                        data = await receive()
+                else:
+                    # No timer while nothing is pending: a cancel scope a read is measurable here.
+                    data = await receive()
+            except BROKEN as exc:
+                return f"connection failed: {exc}"
+            events = framer.flush() if not data else framer.feed(data)
+            for event in events:
+                junk_logged = await self._dispatch(event, junk_logged)
+            if data is not None and not data:
+                return "closed the connection"
+
+    async def _dispatch(self, event: Event, junk_logged: bool) -> bool:
+        """Sends one message where it belongs; returns whether junk from this client was just logged."""
+        sharing = self.sharing
+        if await sharing.from_host(self, event):
+            return False
+        if self.protocol.is_request(event):
+            while self.outstanding >= QUEUED_REQUESTS:
+                await self._wait_for_change()
+            self.outstanding += 1
+            # The last request before it is submitted: a NAK that follows it waits for its answer.
+            self._last = queued = Queued(self, event, trio.current_time())
+            await sharing.submit(queued)
+            return False
+        # One line per burst of junk: a peer sending garbage must not flood the log.
+        level = "DEBUG" if junk_logged else "INFO"
+        logger.log(
+            level,
+            "{}: client {} sent {} bytes that are no {} request, dropped: {}",
+            self.device.name,
+            self.name,
+            len(event.raw),
+            self.protocol.name,
+            log.hexdump(event.raw, 32),
+        )
+        reply = self.protocol.reject_answer(event) if isinstance(event, Junk) else None
+        if reply:
+            if self._last is not None:
+                self._last.then += reply
+            else:
+                await self.client.send(reply)
+        return True

@@ -1,0 +1,432 @@
+"""Session sharing (the ATOL remote server): one client holds the device for its whole connection.
+
+Clients wait in arrival order, up to acquire_timeout. While a client holds the device, its bytes go to
+the device as they come and the device's bytes come back to it. When its turn ends (it closed or reset
+its connection, the status API or idle_timeout ended it) while the device may still be answering it, the
+device settles before the next client gets it: the answer goes to the client if it still reads (it only
+closed its sending side), else it is dropped, and the protocol's framers say when it is complete (raw:
+frame_gap of silence after it began, or response_timeout with no byte), within exchange_timeout. A TCP
+device is settled at once by closing and reopening its connection instead, unless the client still
+reads.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import TYPE_CHECKING
+
+import trio
+from loguru import logger
+
+from proxy import wire
+from proxy.answers import Answer, Verdict
+from proxy.config import DeviceConfig
+from proxy.device import BROKEN, LinkLost, Refused, State
+from proxy.protocols import DeviceProtocol
+from proxy.protocols.raw import RawExchange
+
+if TYPE_CHECKING:
+    from proxy.clients import Client
+    from proxy.device import Device
+
+CLOSED = "closed the connection"
+
+
+class RawTracker:
+    """What a raw device may still owe: the answer to the client's last bytes (raw has no frames)."""
+
+    def __init__(self, config: DeviceConfig) -> None:
+        self._config = config
+        self._answer: Answer | None = None
+
+    def client_sent(self, data: bytes, now: float) -> None:
+        answer = self._answer
+        if answer is None or answer.answered or answer.complete:
+            self._answer = Answer(RawExchange(), self._config, now)
+        else:
+            answer.sent_at = now
+
+    def device_sent(self, data: bytes, now: float) -> bytes:
+        answer = self._answer
+        if answer is not None and not answer.complete:
+            answer.feed([], now)
+        return b""
+
+    def pending(self) -> Answer | None:
+        answer = self._answer
+        return answer if answer is not None and not answer.complete else None
+
+    def host_gone(self) -> bytes:
+        return b""
+
+
+class FramedTracker:
+    """What a device that speaks a protocol may still owe: the answers to the client's requests, found by
+    the protocol's framers on both sides, in order."""
+
+    def __init__(self, protocol: DeviceProtocol, config: DeviceConfig) -> None:
+        self._protocol = protocol
+        self._config = config
+        self._host = protocol.host_framer()
+        self._device = protocol.device_framer()
+        self._answers: deque[Answer] = deque()
+
+    def client_sent(self, data: bytes, now: float) -> None:
+        protocol, answers = self._protocol, self._answers
+        for event in self._host.feed(data):
+            last = answers[-1] if answers else None
+            if last is not None and not last.complete and last.exchange.from_host(event):
+                continue
+            if protocol.is_request(event):
+                answers.append(Answer(protocol.exchange(event), self._config, now))
+
+    def device_sent(self, data: bytes, now: float) -> bytes:
+        answers = self._answers
+        events = self._device.feed(data)
+        replies = b""
+        if answers and not events:
+            answers[0].feed([], now)  # part of a message: the answer has begun
+        for event in events:
+            while answers and answers[0].complete:
+                answers.popleft()
+            if not answers:
+                break
+            replies += answers[0].feed([event], now)
+        return replies
+
+    def pending(self) -> Answer | None:
+        answers = self._answers
+        while answers and answers[0].complete:
+            answers.popleft()
+        return answers[0] if answers else None
+
+    def host_gone(self) -> bytes:
+        return b"".join(answer.exchange.host_gone() for answer in self._answers if not answer.complete)
+
+
+Tracker = RawTracker | FramedTracker
+
+
+class Lease:
+    """A hold on the device: a client's whole connection, or a ping's answer; then the device settles."""
+
+    def __init__(self, name: str, client: Client | None, tracker: Tracker) -> None:
+        self.name = name
+        # The client the device's bytes go to; None once it is gone (or for a ping).
+        self.client = client
+        self.tracker = tracker
+        # The client's pump runs in this scope; end() cancels it.
+        self.scope = trio.CancelScope()
+        self.ended: str | None = None
+        self.link_lost = False
+        self.last_activity = trio.current_time()
+        # Set at each chunk from the device while the lease settles.
+        self.woken: trio.Event | None = None
+
+    def end(self, reason: str) -> None:
+        """Ends the client's turn for `reason` (the first reason given is kept); the device then settles."""
+        if self.ended is None:
+            self.ended = reason
+        self.scope.cancel()
+
+
+class SessionSharing:
+    """The device's FIFO lock and the lease that holds it."""
+
+    needs_task = False
+
+    def __init__(self, device: Device) -> None:
+        self.device = device
+        self.config = device.config
+        # FIFO like trio.Lock (its ParkingLot hands a release to the first waiter), and free of the
+        # owning-task rule: a ping's lease is released by its own short task.
+        self._lock = trio.Semaphore(1)
+        self._lease: Lease | None = None
+        self._waiting = 0
+
+    @property
+    def holder(self) -> str | None:
+        return self._lease.name if self._lease is not None else None
+
+    @property
+    def waiting(self) -> int:
+        return self._waiting
+
+    async def run(self) -> None:
+        """Session sharing needs no task of its own: each client's task keeps its own time."""
+
+    def _tracker(self) -> Tracker:
+        if self.config.protocol == "raw":
+            return RawTracker(self.config)
+        return FramedTracker(self.device.protocol, self.config)
+
+    # -- a client's turn -------------------------------------------------------------------------
+
+    async def serve(self, client: Client) -> str:
+        """Waits for the device, holds it while the client is connected, settles it, and gives it on.
+
+        Raises Refused when the device did not become free (or did not come online) in acquire_timeout.
+        Resource handling: the lock is released on every path, cancellation included.
+        """
+        lease = await self._acquire(client)
+        try:
+            return await self._hold(lease, client)
+        finally:
+            self._release(lease)
+
+    async def _acquire(self, client: Client) -> Lease:
+        started = trio.current_time()
+        device = self.device
+        if self._lock.value and device.link_up and not self.config.release_port:
+            # Free and open: nothing to wait for, so no timer and no scheduling round.
+            self._lock.acquire_nowait()
+        else:
+            try:
+                await self._wait_for_turn()
+            except Refused:
+                device.counters.lock_wait_seconds.observe(trio.current_time() - started)
+                raise
+        # No checkpoint from here until serve()'s try: a cancellation cannot leave the lock taken.
+        lease = Lease(client.name, client, self._tracker())
+        self._lease = lease
+        waited = trio.current_time() - started
+        device.counters.leases_granted += 1
+        device.counters.lock_wait_seconds.observe(waited)
+        device.set_state(State.BUSY)
+        logger.info("{}: {} holds the device (waited {:.2f} s)", device.name, client.name, waited)
+        return lease
+
+    async def _wait_for_turn(self) -> None:
+        """Waits, in arrival order, for the lock and an open link; Refused after acquire_timeout."""
+        device = self.device
+        holding = granted = False
+        self._waiting += 1
+        device.notify()
+        try:
+            with trio.move_on_after(self.config.acquire_timeout):
+                # acquire_nowait() first, so that acquire_timeout = 0 still takes a free device.
+                try:
+                    self._lock.acquire_nowait()
+                except trio.WouldBlock:
+                    await self._lock.acquire()
+                holding = True
+                if self.config.release_port:
+                    device.demand_link()
+                while not device.link_up and not device.gave_up:
+                    await device.changed()
+                granted = device.link_up
+        finally:
+            self._waiting -= 1
+            device.notify()
+            if holding and not granted:
+                self._lock.release()
+        if not granted:
+            raise device.refusal()
+
+    async def _hold(self, lease: Lease, client: Client) -> str:
+        device = self.device
+        if device.fresh:
+            # The first client of a newly connected dial-in device gets what it sent before anyone held
+            # it; the Outlet keeps these bytes ahead of whatever the reader passes on next.
+            held, device.held, device.fresh = bytes(device.held), bytearray(), False
+            if held:
+                await self._deliver(lease, held)
+        else:
+            device.discard_stale()
+        why = CLOSED
+        with lease.scope:
+            why = await self._pump(lease, client)
+        why = lease.ended or why
+        delivering = why == CLOSED and lease.client is not None and not lease.link_lost
+        if not delivering:
+            lease.client = None
+            await client.close()
+        await self._settle(lease, delivering=delivering)
+        return why
+
+    async def _pump(self, lease: Lease, client: Client) -> str:
+        """Client -> device until the client closes; returns how the turn ended."""
+        idle_timeout = self.config.idle_timeout
+        if not idle_timeout:
+            return await self._forward(lease, client)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_end_when_idle, lease, idle_timeout)
+            why = await self._forward(lease, client)
+            nursery.cancel_scope.cancel()
+        return why
+
+    async def _forward(self, lease: Lease, client: Client) -> str:
+        device, tracker = self.device, lease.tracker
+        stall = self.config.response_timeout
+        receive = wire.reader(client.stream, device.read_size)
+        while True:
+            try:
+                data = await receive()
+            except BROKEN as exc:
+                return f"connection failed: {exc}"
+            if not data:
+                return CLOSED
+            now = trio.current_time()
+            lease.last_activity = now
+            tracker.client_sent(data, now)
+            try:
+                await device.write(data, stall, lease.name)
+            except LinkLost as exc:
+                return f"disconnected: link lost ({exc})"
+            except trio.TooSlowError:
+                device.reset_link(f"the device took no byte from {lease.name} for response_timeout = {stall:g} s")
+                return "disconnected: the device stopped taking bytes"
+
+    # -- the device's side -----------------------------------------------------------------------
+
+    async def device_bytes(self, data: bytes) -> None:
+        lease = self._lease
+        if lease is None:
+            self.device.unsolicited(data)
+            return
+        now = trio.current_time()
+        lease.last_activity = now
+        replies = lease.tracker.device_sent(data, now)
+        if replies:
+            await self._write_for_absent_host(lease, replies)
+        if lease.client is not None:
+            await self._deliver(lease, data)
+        else:
+            self.device.discarded(data, lease.name)
+        if lease.woken is not None:
+            lease.woken.set()
+
+    async def _deliver(self, lease: Lease, data: bytes) -> None:
+        client = lease.client
+        if client is not None and not await client.send(data):
+            lease.client = None
+            lease.end(client.gone or "connection failed")
+            self.device.discarded(data, lease.name)
+
+    async def _write_for_absent_host(self, lease: Lease, replies: bytes) -> None:
+        """The host's part of the protocol (an ACK, a break) that the proxy plays for a client that left."""
+        try:
+            await self.device.write(replies, self.config.response_timeout, f"the proxy for {lease.name}")
+        except LinkLost:
+            pass
+        except trio.TooSlowError:
+            self.device.reset_link("the device took no byte for response_timeout")
+
+    async def _settle(self, lease: Lease, *, delivering: bool) -> None:
+        """Holds the device while it may still be answering `lease` (see the module docstring).
+
+        The client sends nothing more, so the proxy plays the rest of the host's part of an exchange in
+        progress (an ACK, a break) in any case; `delivering` says whether the answer still goes to the
+        client (it only closed its sending side) or is dropped.
+        """
+        device, tracker = self.device, lease.tracker
+        if lease.link_lost or tracker.pending() is None:
+            return
+        replies = tracker.host_gone()
+        if replies:
+            await self._write_for_absent_host(lease, replies)
+        if tracker.pending() is None or not device.link_up:
+            return
+        if not delivering and device.reset_settles:
+            # Closing the connection stops whatever the device was still sending.
+            device.reset_link(f"dropping the answer still owed to {lease.name}", reopen_at_once=True)
+            return
+        if not delivering:
+            device.set_state(State.SETTLING)
+            logger.log(
+                "DEBUG" if lease.name == PING else "INFO",
+                "{}: settling: the device may still be answering {}; it goes to the next client when the answer "
+                "is complete (at most exchange_timeout = {:g} s)",
+                device.name,
+                lease.name,
+                self.config.exchange_timeout,
+            )
+        waited = False
+        while (answer := tracker.pending()) is not None and device.link_up:
+            verdict = answer.check(trio.current_time())
+            if verdict is Verdict.WAIT or (verdict is Verdict.LATE and not device.reset_settles):
+                waited = True
+                lease.woken = trio.Event()
+                with trio.move_on_at(answer.deadline()):
+                    await lease.woken.wait()
+                lease.woken = None
+            elif verdict is Verdict.EXPIRED and not waited:
+                return  # an old request: whatever the device sends now answers nothing of this lease
+            elif verdict is Verdict.LATE:
+                device.reset_link(f"no answer for {lease.name} within response_timeout", reopen_at_once=True)
+                return
+            elif verdict is Verdict.EXPIRED:
+                device.reset_link(f"the answer for {lease.name} was not complete within exchange_timeout")
+                return
+
+    def _release(self, lease: Lease) -> None:
+        """Gives the device to the next waiter; any task may call it, once per lease."""
+        device = self.device
+        self._lease = None
+        device.set_state(State.IDLE)
+        if self.config.release_port:
+            device.release_link()
+        self._lock.release()
+        device.notify()
+        level = "DEBUG" if lease.name == PING else "INFO"
+        logger.log(level, "{}: {} released the device", device.name, lease.name)
+
+    # -- the link, the status API, pings ---------------------------------------------------------
+
+    def link_up(self) -> None:
+        if self._lease is not None:
+            self.device.set_state(State.BUSY)
+
+    def link_down(self, reason: str | None) -> None:
+        lease = self._lease
+        if lease is not None:
+            lease.link_lost = True
+            if reason is not None:
+                lease.end(f"disconnected: link lost ({reason})")
+
+    def gave_up(self) -> None:
+        """Waiters see device.gave_up at their next look (device.changed() wakes them)."""
+
+    def disconnect_holder(self) -> str | None:
+        lease = self._lease
+        if lease is None or lease.client is None:
+            return None
+        lease.end("disconnected through the status API")
+        return lease.name
+
+    def ping(self, data: bytes, nursery: trio.Nursery) -> bool:
+        if not self._lock.value or not self.device.link_up:
+            return False
+        self._lock.acquire_nowait()
+        lease = Lease(PING, None, self._tracker())
+        self._lease = lease
+        nursery.start_soon(self._ping, lease, data)
+        return True
+
+    async def _ping(self, lease: Lease, data: bytes) -> None:
+        """A ping's turn: sent, then held like an exchange until its answer is complete."""
+        try:
+            lease.tracker.client_sent(data, trio.current_time())
+            try:
+                await self.device.write(data, self.config.response_timeout, PING)
+            except LinkLost:
+                return
+            except trio.TooSlowError:
+                self.device.reset_link("the device took no byte of a ping for response_timeout")
+                return
+            await self._settle(lease, delivering=False)
+        finally:
+            self._release(lease)
+
+
+PING = "ping"
+
+
+async def _end_when_idle(lease: Lease, idle_timeout: float) -> None:
+    """Ends the lease once neither side has sent anything for idle_timeout seconds."""
+    while True:
+        deadline = lease.last_activity + idle_timeout
+        if trio.current_time() >= deadline:
+            lease.end(f"disconnected: silent for idle_timeout = {idle_timeout:g} s")
+            return
+        await trio.sleep_until(deadline)
