@@ -58,13 +58,16 @@ class Queued:
 class Flight:
     """The request the device is answering now."""
 
-    __slots__ = ("answer", "answer_head", "answer_size", "orphan_pending", "queued")
+    __slots__ = ("answer", "answer_head", "answer_size", "delivering", "orphan_pending", "queued")
 
     def __init__(self, queued: Queued, answer: Answer) -> None:
         self.queued = queued
         self.answer = answer
         self.answer_head = b""
         self.answer_size = 0
+        # The reader waits for the client to take a chunk: the device is not read, so its silence
+        # means nothing (raw answers end in silence).
+        self.delivering = False
         # The client left; the clock plays the host's part for it at its next tick.
         self.orphan_pending = False
 
@@ -137,6 +140,10 @@ class ExchangeSharing:
 
     async def _check(self, flight: Flight, now: float) -> None:
         device, config = self.device, self.config
+        if flight.delivering:
+            # The reader is held by a slow client (for at most client_write_timeout); look again later.
+            flight.answer.last_byte = now
+            return
         verdict = flight.answer.check(now)
         if verdict is Verdict.COMPLETE:
             await self._finish(flight)
@@ -273,7 +280,12 @@ class ExchangeSharing:
             flight.answer_head += data[: 32 - len(flight.answer_head)]
         flight.answer_size += len(data)
         client = flight.client
-        if client is None or client.gone or not await client.client.send(data):
+        flight.delivering = True
+        try:
+            delivered = client is not None and not client.gone and await client.client.send(data)
+        finally:
+            flight.delivering = False
+        if not delivered:
             self.device.discarded(data, flight.name)
         if answer.complete:
             if self._flight is flight:

@@ -119,6 +119,9 @@ class Lease:
         self.scope = trio.CancelScope()
         self.ended: str | None = None
         self.link_lost = False
+        # The reader waits for the client to take a chunk: the device is not read meanwhile, so its
+        # silence says nothing about the end of an answer.
+        self.delivering = False
         self.last_activity = trio.current_time()
         # Set at each chunk from the device while the lease settles.
         self.woken: trio.Event | None = None
@@ -290,7 +293,11 @@ class SessionSharing:
         if replies:
             await self._write_for_absent_host(lease, replies)
         if lease.client is not None:
-            await self._deliver(lease, data)
+            lease.delivering = True
+            try:
+                await self._deliver(lease, data)
+            finally:
+                lease.delivering = False
         else:
             self.device.discarded(data, lease.name)
         if lease.woken is not None:
@@ -343,7 +350,10 @@ class SessionSharing:
             )
         waited = False
         while (answer := tracker.pending()) is not None and device.link_up:
-            verdict = answer.check(trio.current_time())
+            now = trio.current_time()
+            if lease.delivering:
+                answer.last_byte = now  # the reader is held by the client: no silence can be seen
+            verdict = answer.check(now)
             if verdict is Verdict.WAIT or (verdict is Verdict.LATE and not device.reset_settles):
                 waited = True
                 lease.woken = trio.Event()

@@ -1,0 +1,190 @@
+"""Exchange sharing under faults: clients that leave, stop reading or are disconnected mid-exchange.
+
+The device is free when its answer is complete, because the proxy plays the rest of the host's part for a
+client that left; no byte of one client's answer reaches another; a second device keeps answering.
+"""
+
+from __future__ import annotations
+
+import struct
+
+import httpx
+import pytest
+import trio
+import trio.testing
+
+from proxy import wire
+from proxy.counters import ExchangeResult
+from proxy.device import State
+from proxy.protocols import atol2, atol3, iec61107, shtrih
+from proxy.protocols.custom import build_frame
+
+from helpers import connect, receive_exactly, receive_until_closed, running_proxy, settings_for, wait_for
+
+H = bytes.fromhex
+BEEP = H("01 05 00 13 3F 42 0F 00 A8")
+BEEP_ANSWER = H("06 01 04 00 13 00 00 63 7A")
+OTHER = {"name": "other", "type": "simulator", "protocol": "custom"}
+# Timeouts far beyond the test's limit: only the protocol's own end of an exchange can free the device.
+PATIENT = {"response_timeout": 60, "exchange_timeout": 120, "acquire_timeout": 60}
+
+
+async def other_device_answers(running) -> None:
+    async with await connect(running, "other") as client:
+        await client.send_all(BEEP)
+        assert await receive_exactly(client, 9) == BEEP_ANSWER
+
+
+def reset(stream: trio.SocketStream) -> None:
+    stream.socket.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+
+def exchange_device(pty, protocol: str, **keys) -> dict:
+    return {
+        "name": "dev",
+        "type": "serial",
+        "path": str(pty.path),
+        "protocol": protocol,
+        "sharing": "exchange",
+        **PATIENT,
+        **keys,
+    }
+
+
+SHTRIH_REQUEST = shtrih.build_frame(shtrih.SHORT_STATUS, struct.pack("<I", 30))
+SHTRIH_ANSWER = shtrih.build_frame(shtrih.SHORT_STATUS, bytes(16))
+ATOL3_TASK = atol3.build_packet(7, bytes((atol3.ADD, 0x01, 5, 0, 0, 0x47)))
+ATOL3_RESULT = atol3.build_packet(7, bytes((0xA3, 5, 0x55, 0, 0x47)))
+ATOL3_C2 = atol3.build_packet(8, bytes((atol3.ACK_RESULT, 5)))
+ATOL3_C2_REPLY = atol3.build_packet(8, bytes((atol3.PENDING,)))
+IEC_SIGN_ON = b"/?!\r\n"
+IEC_IDENT = b"/EKT5CE301v12\r\n"
+
+# protocol: (the client's request, what the device answers while the client is gone, what the proxy
+# sends for the client as the host would, what the device answers that; None when it answers nothing)
+ORPHANS = {
+    "shtrih": (SHTRIH_REQUEST, H("06") + SHTRIH_ANSWER, H("06"), None),
+    "atol3": (ATOL3_TASK, ATOL3_RESULT, ATOL3_C2, ATOL3_C2_REPLY),
+    "iec61107": (IEC_SIGN_ON, IEC_IDENT, iec61107.command("B0"), None),
+}
+
+
+@pytest.mark.parametrize("protocol", ORPHANS)
+async def test_the_proxy_finishes_the_hosts_part_for_a_client_that_reset_mid_exchange(pty, protocol):
+    request, answer, host_part, reply = ORPHANS[protocol]
+    device_end = pty.plug()
+    async with running_proxy(settings_for(exchange_device(pty, protocol), OTHER)) as running:
+        device = running.devices["dev"]
+        await wait_for(device, lambda: device.state == State.IDLE)
+        leaving = await connect(running, "dev")
+        async with await connect(running, "dev") as staying:
+            await leaving.send_all(request)
+            assert await receive_exactly(device_end, len(request)) == request
+            reset(leaving)
+            await leaving.aclose()
+            await wait_for(device, lambda: device.state == State.SETTLING)
+            await staying.send_all(SHTRIH_REQUEST if protocol == "shtrih" else request)
+            await wait_for(device, lambda: device.waiting == 1)
+            await other_device_answers(running)
+            await device_end.send_all(answer)
+            assert await receive_exactly(device_end, len(host_part)) == host_part
+            if reply is not None:
+                await device_end.send_all(reply)
+            # Only now does the staying client's request reach the device.
+            staying_request = SHTRIH_REQUEST if protocol == "shtrih" else request
+            assert await receive_exactly(device_end, len(staying_request)) == staying_request
+            await device_end.send_all(answer)
+            assert await receive_exactly(staying, len(answer)) == answer
+            assert device.counters.exchanges[ExchangeResult.CLIENT_GONE] == 1
+            assert device.counters.discarded_bytes == len(answer) + len(reply or b"")
+
+
+async def test_atol2_the_proxy_ends_the_hosts_turn_and_acknowledges_the_answer_for_a_client_that_left(pty):
+    device_end = pty.plug()
+    async with running_proxy(settings_for(exchange_device(pty, "atol2"), OTHER)) as running:
+        device = running.devices["dev"]
+        await wait_for(device, lambda: device.state == State.IDLE)
+        leaving = await connect(running, "dev")
+        async with await connect(running, "dev") as staying:
+            await leaving.send_all(H("05"))
+            assert await receive_exactly(device_end, 1) == H("05")
+            await device_end.send_all(H("06"))
+            assert await receive_exactly(leaving, 1) == H("06")
+            command = atol2.build_frame(H("00 00 47"))
+            await leaving.send_all(command)
+            assert await receive_exactly(device_end, len(command)) == command
+            reset(leaving)
+            await leaving.aclose()
+            # The host's turn was open: the proxy closes it with EOT, then plays the host's ACKs.
+            assert await receive_exactly(device_end, 1) == H("04")
+            await staying.send_all(H("05"))
+            await device_end.send_all(H("06 05"))
+            assert await receive_exactly(device_end, 1) == H("06")
+            answer = atol2.build_frame(H("55 00 47"))
+            await device_end.send_all(answer)
+            assert await receive_exactly(device_end, 1) == H("06")
+            await other_device_answers(running)
+            await device_end.send_all(H("04"))
+            assert await receive_exactly(device_end, 1) == H("05")
+            await device_end.send_all(H("06"))
+            assert await receive_exactly(staying, 1) == H("06")
+
+
+async def test_the_status_api_disconnect_mid_exchange_never_completes_the_next_request_with_that_answer(pty):
+    device_end = pty.plug()
+    settings = settings_for(exchange_device(pty, "custom"), OTHER, status="127.0.0.1:0")
+    async with running_proxy(settings) as running:
+        device = running.devices["dev"]
+        await wait_for(device, lambda: device.state == State.IDLE)
+        async with await connect(running, "dev") as holder, await connect(running, "dev") as next_client:
+            await holder.send_all(BEEP)
+            assert await receive_exactly(device_end, 9) == BEEP
+            status = build_frame(0x01, H("3F 42 0F 00"))
+            await next_client.send_all(status)
+            await wait_for(device, lambda: device.waiting == 1)
+            async with httpx.AsyncClient() as http:
+                response = await http.post(f"http://{running.status}/api/devices/dev/disconnect")
+            assert response.json() == {"disconnected": device.holder}
+            assert await receive_until_closed(holder) == b""
+            await wait_for(device, lambda: device.state == State.SETTLING)
+            await device_end.send_all(BEEP_ANSWER)
+            assert await receive_exactly(device_end, len(status)) == status
+            status_answer = H("06") + build_frame(0x01, H("00 00 63 00 01"))
+            await device_end.send_all(status_answer)
+            assert await receive_exactly(next_client, len(status_answer)) == status_answer
+
+
+async def test_a_client_that_stops_reading_is_disconnected_and_its_exchange_still_completes(pty):
+    device_end = pty.plug()
+    settings = settings_for(exchange_device(pty, "raw", frame_gap=0.02, client_write_timeout=0.2), OTHER)
+    async with running_proxy(settings) as running:
+        device = running.devices["dev"]
+        await wait_for(device, lambda: device.state == State.IDLE)
+        stuck = await connect(running, "dev")
+        stuck.socket.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_RCVBUF, 4096)
+        async with stuck, await connect(running, "dev") as next_client:
+            await stuck.send_all(b"give me everything")
+            assert await receive_exactly(device_end, 18) == b"give me everything"
+            await next_client.send_all(b"mine")
+            await wait_for(device, lambda: device.waiting == 1)
+            # A big answer the stuck client never takes: it holds the device's reader for client_write_timeout
+            # at most; then the client is disconnected, the rest is dropped, and the answer ends as usual.
+            await device_end.send_all(b"x" * 2_000_000)
+            assert await receive_exactly(device_end, 4) == b"mine"
+            await other_device_answers(running)
+            await device_end.send_all(b"yours")
+            assert await receive_exactly(next_client, 5) == b"yours"
+        assert device.counters.discarded_bytes > 0
+
+
+async def test_writes_of_several_tasks_to_one_stream_never_interleave_and_keep_their_order():
+    ours, theirs = trio.socket.socketpair()
+    ours.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_SNDBUF, 4096)
+    async with trio.SocketStream(ours) as writer, trio.SocketStream(theirs) as reader:
+        outlet = wire.Outlet(writer)
+        chunks = [bytes((n,)) * 50_000 for n in range(1, 6)]
+        async with trio.open_nursery() as nursery:
+            for chunk in chunks:
+                nursery.start_soon(outlet.send, chunk)
+                await trio.testing.wait_all_tasks_blocked()
+            assert await receive_exactly(reader, sum(map(len, chunks))) == b"".join(chunks)

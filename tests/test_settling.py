@@ -1,0 +1,201 @@
+"""Session sharing under faults: an answer still owed to a client that left never reaches the next one.
+
+Each test keeps a second device (a simulated register) in the same proxy and checks that it answers while
+the first one settles: one device's trouble stalls nobody else.
+"""
+
+from __future__ import annotations
+
+import struct
+
+import httpx
+import trio
+
+from proxy.device import State
+from proxy.protocols import shtrih
+
+from helpers import connect, receive_exactly, receive_until_closed, running_proxy, settings_for, wait_for
+
+H = bytes.fromhex
+BEEP = H("01 05 00 13 3F 42 0F 00 A8")
+BEEP_ANSWER = H("06 01 04 00 13 00 00 63 7A")
+OTHER = {"name": "other", "type": "simulator", "protocol": "custom"}
+
+
+async def other_device_answers(running) -> None:
+    """The simulated register beside the device under test answers a beep."""
+    async with await connect(running, "other") as client:
+        await client.send_all(BEEP)
+        assert await receive_exactly(client, 9) == BEEP_ANSWER
+
+
+def reset(stream: trio.SocketStream) -> None:
+    """Makes the next close send a TCP reset, as a crashed POS program's connection does."""
+    stream.socket.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+
+def serial(pty, **keys) -> dict:
+    return {"name": "dev", "type": "serial", "path": str(pty.path), "acquire_timeout": 30, **keys}
+
+
+async def test_an_answer_to_a_client_that_reset_its_connection_never_reaches_the_next_client(pty):
+    device_end = pty.plug()
+    async with running_proxy(settings_for(serial(pty), OTHER)) as running:
+        device = running.devices["dev"]
+        await wait_for(device, lambda: device.state == State.IDLE)
+        for round_number in range(20):
+            leaving = await connect(running, "dev")
+            await leaving.send_all(b"request %02d" % round_number)
+            assert await receive_exactly(device_end, 10) == b"request %02d" % round_number
+            reset(leaving)
+            await leaving.aclose()
+            async with await connect(running, "dev") as next_client:
+                await next_client.send_all(b"mine")
+                await wait_for(device, lambda: device.state == State.SETTLING and device.waiting == 1)
+                await other_device_answers(running)
+                await device_end.send_all(b"answer %02d" % round_number)
+                # The next client's bytes reach the device only once the answer is over (frame_gap of silence).
+                assert await receive_exactly(device_end, 4) == b"mine"
+                await device_end.send_all(b"yours")
+                assert await receive_exactly(next_client, 5) == b"yours"
+        assert device.counters.discarded_bytes == 20 * 9
+
+
+async def test_a_client_that_closes_its_sending_side_gets_a_slow_answer_and_the_next_client_does_not(pty):
+    device_end = pty.plug()
+    async with running_proxy(settings_for(serial(pty), OTHER)) as running:
+        device = running.devices["dev"]
+        await wait_for(device, lambda: device.state == State.IDLE)
+        async with await connect(running, "dev") as asking, await connect(running, "dev") as next_client:
+            await asking.send_all(b"request")
+            await asking.send_eof()
+            assert await receive_exactly(device_end, 7) == b"request"
+            await wait_for(device, lambda: device.waiting == 1)
+            await other_device_answers(running)
+            await device_end.send_all(b"slow answer")
+            assert await receive_until_closed(asking) == b"slow answer"
+            await next_client.send_all(b"mine")
+            assert await receive_exactly(device_end, 4) == b"mine"
+            await device_end.send_all(b"yours")
+            assert await receive_exactly(next_client, 5) == b"yours"
+
+
+async def test_the_status_api_disconnect_lets_the_device_settle_before_the_next_client(pty):
+    device_end = pty.plug()
+    settings = settings_for(serial(pty), OTHER, status="127.0.0.1:0")
+    async with running_proxy(settings) as running:
+        device = running.devices["dev"]
+        await wait_for(device, lambda: device.state == State.IDLE)
+        async with await connect(running, "dev") as holder, await connect(running, "dev") as next_client:
+            await holder.send_all(b"request")
+            assert await receive_exactly(device_end, 7) == b"request"
+            await next_client.send_all(b"mine")
+            await wait_for(device, lambda: device.waiting == 1)
+            async with httpx.AsyncClient() as http:
+                response = await http.post(f"http://{running.status}/api/devices/dev/disconnect")
+            assert response.status_code == 200
+            assert await receive_until_closed(holder) == b""
+            await wait_for(device, lambda: device.state == State.SETTLING)
+            await other_device_answers(running)
+            await device_end.send_all(b"answer for the holder")
+            assert await receive_exactly(device_end, 4) == b"mine"
+            await device_end.send_all(b"yours")
+            assert await receive_exactly(next_client, 5) == b"yours"
+            assert device.counters.discarded_bytes == len(b"answer for the holder")
+
+
+async def test_idle_timeout_lets_the_device_settle_before_the_next_client(pty):
+    device_end = pty.plug()
+    settings = settings_for(serial(pty, idle_timeout=0.1, response_timeout=30), OTHER)
+    async with running_proxy(settings) as running:
+        device = running.devices["dev"]
+        await wait_for(device, lambda: device.state == State.IDLE)
+        async with await connect(running, "dev") as silent, await connect(running, "dev") as next_client:
+            await silent.send_all(b"request")
+            assert await receive_exactly(device_end, 7) == b"request"
+            await next_client.send_all(b"mine")
+            assert await receive_until_closed(silent) == b""
+            await wait_for(device, lambda: device.state == State.SETTLING)
+            await device_end.send_all(b"answer for the silent one")
+            assert await receive_exactly(device_end, 4) == b"mine"
+            await device_end.send_all(b"yours")
+            assert await receive_exactly(next_client, 5) == b"yours"
+
+
+async def test_a_framed_device_is_free_the_moment_the_answer_of_a_client_that_left_is_complete(pty):
+    device_end = pty.plug()
+    # Timeouts far beyond the test's limit: only the protocol's own end of the answer can free the device.
+    settings = settings_for(serial(pty, protocol="custom", response_timeout=60, exchange_timeout=120), OTHER)
+    async with running_proxy(settings) as running:
+        device = running.devices["dev"]
+        await wait_for(device, lambda: device.state == State.IDLE)
+        leaving = await connect(running, "dev")
+        await leaving.send_all(BEEP)
+        assert await receive_exactly(device_end, 9) == BEEP
+        reset(leaving)
+        await leaving.aclose()
+        async with await connect(running, "dev") as next_client:
+            await next_client.send_all(BEEP)
+            await wait_for(device, lambda: device.state == State.SETTLING)
+            await device_end.send_all(BEEP_ANSWER[:1])
+            await other_device_answers(running)
+            await device_end.send_all(BEEP_ANSWER[1:])
+            assert await receive_exactly(device_end, 9) == BEEP
+            await device_end.send_all(BEEP_ANSWER)
+            assert await receive_exactly(next_client, 9) == BEEP_ANSWER
+
+
+async def test_a_tcp_device_is_settled_at_once_by_a_new_connection(tcp_device):
+    settings = settings_for({"name": "dev", "type": "tcp", "path": str(tcp_device.address), "acquire_timeout": 30})
+    async with running_proxy(settings) as running:
+        device = running.devices["dev"]
+        first_link = await tcp_device.next_connection()
+        leaving = await connect(running, "dev")
+        await leaving.send_all(b"request")
+        assert await receive_exactly(first_link, 7) == b"request"
+        reset(leaving)
+        await leaving.aclose()
+        assert await receive_until_closed(first_link) == b""
+        second_link = await tcp_device.next_connection()
+        async with await connect(running, "dev") as next_client:
+            await next_client.send_all(b"mine")
+            assert await receive_exactly(second_link, 4) == b"mine"
+            await second_link.send_all(b"yours")
+            assert await receive_exactly(next_client, 5) == b"yours"
+        assert device.counters.link_losses == 0
+
+
+async def test_the_proxy_acknowledges_a_shtrih_answer_for_a_client_that_left(pty):
+    device_end = pty.plug()
+    settings = settings_for(serial(pty, protocol="shtrih", response_timeout=60, exchange_timeout=120), OTHER)
+    request = shtrih.build_frame(shtrih.SHORT_STATUS, struct.pack("<I", 30))
+    answer = shtrih.build_frame(shtrih.SHORT_STATUS, bytes(16))
+    async with running_proxy(settings) as running:
+        device = running.devices["dev"]
+        await wait_for(device, lambda: device.state == State.IDLE)
+        leaving = await connect(running, "dev")
+        await leaving.send_all(request)
+        assert await receive_exactly(device_end, len(request)) == request
+        await leaving.aclose()
+        async with await connect(running, "dev") as next_client:
+            await next_client.send_all(H("05"))
+            await wait_for(device, lambda: device.waiting == 1)
+            await device_end.send_all(H("06") + answer)
+            # The driver would ACK the answer; the proxy does it for the client that left, and the device is free.
+            assert await receive_exactly(device_end, 2) == H("06 05")
+            await device_end.send_all(H("15"))
+            assert await receive_exactly(next_client, 1) == H("15")
+
+
+async def test_a_device_that_never_answers_a_client_that_left_is_free_after_response_timeout(pty):
+    device_end = pty.plug()
+    settings = settings_for(serial(pty, response_timeout=0.05), OTHER)
+    async with running_proxy(settings) as running:
+        device = running.devices["dev"]
+        await wait_for(device, lambda: device.state == State.IDLE)
+        async with await connect(running, "dev") as printing:
+            await printing.send_all(b"print job")
+            assert await receive_exactly(device_end, 9) == b"print job"
+        async with await connect(running, "dev") as next_client:
+            await next_client.send_all(b"next job")
+            assert await receive_exactly(device_end, 8) == b"next job"
