@@ -89,6 +89,8 @@ class Running:
         self.status: Address | None = None
         self.dialin: list[Address] = []
         self._dialin_devices: dict[str, Device] = {}
+        # Per dial-in id being registered: connections with that id wait their turn.
+        self._registering: dict[str, trio.Lock] = {}
         self._started = trio.Event()
         self._nursery = nursery
         self._runs: dict[str, _DeviceRun] = {}
@@ -129,37 +131,67 @@ class Running:
         return run.device
 
     async def dialin_device(self, device_id: str, peer: str) -> Device | None:
-        """The Device of a dial-in id: running already, or registered now (autoregister), or None (logged)."""
-        dialin, registry = self.settings.dialin, self.registry
-        if dialin is None or registry is None:
+        """The Device of a dial-in id: running already, or registered now (autoregister), or None (logged).
+
+        Connections with one id that arrive together register it once: they take turns here, and each
+        finds the device the first one started.
+        """
+        if self.settings.dialin is None or self.registry is None:
             return None
         running = self._dialin_devices.get(device_id)
         if running is not None:
             return running
+        lock = self._registering.setdefault(device_id, trio.Lock())
         try:
-            record, created = await registry.run(registry.find_or_add, device_id, dialin.autoregister)
+            async with lock:
+                running = self._dialin_devices.get(device_id)
+                return running if running is not None else await self._register(device_id, peer)
+        finally:
+            if not lock.locked() and not lock.statistics().tasks_waiting:
+                self._registering.pop(device_id, None)
+
+    async def _register(self, device_id: str, peer: str) -> Device | None:
+        dialin, registry = self.settings.dialin, self.registry
+        listeners: list[trio.SocketListener] = []
+        if dialin.direct_ports is None and device_id not in registry.known:
+            # direct_ports = "any": the system chooses a free port, which the registration then keeps.
+            try:
+                listeners = await bind(Address(dialin.direct_host, 0), f"dialin: {device_id}")
+            except BindError as exc:
+                logger.error("dialin: {} ({}) not registered: {}", device_id, peer, exc)
+                return None
+        port = _bound_addresses(listeners)[0].port if listeners else None
+        try:
+            record, created = await registry.run(registry.find_or_add, device_id, dialin.autoregister, port)
         except RegistryError as exc:
+            await _close(listeners)
             logger.error("dialin: {} ({}) not registered: {}", device_id, peer, exc)
             return None
+        if record is None or not created:
+            await _close(listeners)
+            listeners = []
         if record is None:
             logger.info("dialin: {} ({}) refused: unknown id and autoregister = false", device_id, peer)
             return None
         if created:
             logger.info("dialin: registered {} with direct port {}", device_id, record.direct_port)
-        return await self.start_registered(record)
+        return await self.start_registered(record, listeners)
 
-    async def start_registered(self, record: Record) -> Device | None:
+    async def start_registered(
+        self, record: Record, listeners: list[trio.SocketListener] | None = None
+    ) -> Device | None:
         """Starts a registered dial-in device, offline until it connects, with its direct port listening."""
         dialin = self.settings.dialin
         name = record.name if record.name and record.name not in self._runs else record.id
         if name in self._runs:
             name = f"dialin-{record.id}"
         config = dialin.device_config(record.id, name, record.direct_port)
-        try:
-            listeners = await _bind_device(config)
-        except BindError as exc:
-            logger.error("dialin: {}; {} has no direct port until it is free", exc, record.id)
-            return None
+        if not listeners:
+            try:
+                listeners = await _bind_device(config)
+            except BindError as exc:
+                logger.error("dialin: {}; {} has no direct port until it is free", exc, record.id)
+                return None
         device = await self.start_device(config, listeners, dialin)
         self._dialin_devices[record.id] = device
         return device
@@ -268,9 +300,12 @@ async def serve(settings: Settings, *, task_status: trio.TaskStatus[Running] = t
         for config in settings.devices:
             device_listeners.append((config, await _bind_device(config)))
     except BaseException:
+        # A failed start closes everything it opened, so that a caller that retries finds it all free.
         await _close(status_listeners + dialin_listeners)
         for _, listeners in device_listeners:
             await _close(listeners)
+        if registry is not None:
+            registry.close()
         raise
     try:
         async with trio.open_nursery() as nursery:

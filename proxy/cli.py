@@ -142,8 +142,8 @@ def check(path: str) -> int:
     if settings.dialin is not None:
         dialin = settings.dialin
         listen = ", ".join(map(str, dialin.listen))
-        low, high = dialin.direct_ports
-        print(f"  dial-in devices connect on {listen}, identify by {dialin.identify}, direct ports {low}-{high}")
+        ports = "chosen by the system" if dialin.direct_ports is None else "{}-{}".format(*dialin.direct_ports)
+        print(f"  dial-in devices connect on {listen}, identify by {dialin.identify}, direct ports {ports}")
         print(f"    registry {dialin.registry}, protocol {dialin.protocol}, {dialin.sharing} sharing")
     return EXIT_OK
 

@@ -125,6 +125,8 @@ class DeviceConfig:
 
 
 IDENTIFY_METHODS = ("line", "regex", "fixed", "iec61107")
+# direct_ports = "any": each new device gets a free port the system chooses.
+ANY_PORT = "any"
 # The [[device]] keys that [dialin] takes too, applied to every dial-in device.
 DIALIN_SHARING_KEYS = (
     "acquire_timeout",
@@ -151,12 +153,14 @@ class DialinConfig:
     identify_timeout: float = 30.0
     autoregister: bool = True
     registry: str = "devproxy.sqlite3"
-    direct_ports: tuple[int, int] = (7500, 7999)
+    # A range, or None: "any", a free port chosen by the system at registration (kept across restarts
+    # while it stays free).
+    direct_ports: tuple[int, int] | None = (7500, 7999)
     protocol: str = "raw"
     sharing: str = "session"
     idle_after: float = 60.0
     disconnect_after: float = 3600.0
-    ping_after: float = 120.0
+    ping_after: float = 0.0
     ping_bytes: bytes = b""
     max_devices: int = 65000
     acquire_timeout: float = 5.0
@@ -424,7 +428,7 @@ def _dialin_table(raw: dict[str, Any], problems: _Problems) -> DialinConfig:
     table.seconds("identify_timeout", positive=True)
     table.boolean("autoregister")
     table.take("registry", lambda v: isinstance(v, str) and v != "", "a file path", str)
-    table.take("direct_ports", lambda v: isinstance(v, str), 'a range such as "7500-7999"', _parse_port_range)
+    table.take("direct_ports", lambda v: isinstance(v, str), 'a range such as "7500-7999", or "any"', _parse_port_range)
     table.string("protocol", PROTOCOLS)
     table.string("sharing", SHARING_MODES)
     table.seconds("idle_after", positive=True)
@@ -466,10 +470,12 @@ def _check_pattern(value: str) -> str:
     return value
 
 
-def _parse_port_range(value: str) -> tuple[int, int]:
+def _parse_port_range(value: str) -> tuple[int, int] | None:
+    if value.strip() == ANY_PORT:
+        return None
     match = re.fullmatch(r"\s*(\d+)\s*-\s*(\d+)\s*", value)
     if not match or not 1 <= int(match.group(1)) <= int(match.group(2)) <= 65535:
-        raise ValueError(f'{value!r} is not a port range such as "7500-7999"')
+        raise ValueError(f'{value!r} is not a port range such as "7500-7999", or "any"')
     return int(match.group(1)), int(match.group(2))
 
 
@@ -486,10 +492,11 @@ def _check_clashes(settings: Settings, problems: _Problems) -> None:
                 if address.overlaps(other):
                     problems.add("[dialin]", f"listen {str(address)!r} clashes with {str(other)!r} of {owner}")
             bound.append(("[dialin] listen", address))
-        low, high = dialin.direct_ports
-        for owner, other in list(bound):
-            if low <= other.port <= high:
-                problems.add("[dialin]", f"direct_ports {low}-{high} holds port {other.port} of {owner}")
+        if dialin.direct_ports is not None:
+            low, high = dialin.direct_ports
+            for owner, other in list(bound):
+                if low <= other.port <= high:
+                    problems.add("[dialin]", f"direct_ports {low}-{high} holds port {other.port} of {owner}")
     for device in settings.devices:
         where = f"device {device.name!r}"
         if device.name in seen_names:
@@ -499,7 +506,8 @@ def _check_clashes(settings: Settings, problems: _Problems) -> None:
             for owner, other in bound:
                 if address.overlaps(other):
                     problems.add(where, f"listen {str(address)!r} clashes with {str(other)!r} of {owner}")
-            if dialin is not None and dialin.direct_ports[0] <= address.port <= dialin.direct_ports[1]:
+            ports = dialin.direct_ports if dialin is not None else None
+            if ports is not None and ports[0] <= address.port <= ports[1]:
                 problems.add(where, f"listen {str(address)!r} is in [dialin] direct_ports")
             bound.append((f"{where} listen", address))
 

@@ -52,6 +52,18 @@ async def test_a_path_that_is_not_a_serial_port_says_why(tmp_path):
             await open_link(config, nursery)
 
 
+async def test_a_line_setting_the_driver_refuses_is_a_link_error_naming_it(tmp_path, monkeypatch):
+    # A pty takes any baud rate; a USB-serial driver refuses some, and trio-serial raises ValueError then.
+    async def refuse(self):
+        raise ValueError("Invalid baud rate: 250000")
+
+    monkeypatch.setattr(SerialLink, "aopen", refuse)
+    config = device_config(type="serial", path=str(tmp_path / "ttyUSB0"), baudrate=250000)
+    async with trio.open_nursery() as nursery:
+        with pytest.raises(LinkError, match="ttyUSB0: the port refuses 250000 8N1: Invalid baud rate"):
+            await open_link(config, nursery)
+
+
 async def test_a_refused_tcp_device_says_so():
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

@@ -145,6 +145,8 @@ def raw_exchange(address, data: bytes) -> bytes:
     [
         (b"NOT HTTP AT ALL\r\n\r\n", b"400"),
         (b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 100_000 + b"\r\n\r\n", b"431"),
+        (b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 20_000 + b"\r\n\r\n", b"431"),
+        (b"GET http://[x/ HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", b"400"),
         (b"POST /api/devices/reg/disconnect HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n", b"413"),
         (b"GET /nowhere HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", b"404"),
         (b"DELETE /api/devices HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", b"405"),
@@ -166,3 +168,17 @@ async def test_a_silent_http_client_does_not_stop_the_others():
         devices = (await get(f"{base(running)}/api/devices")).json()
         assert json.dumps(devices)
         await stuck.aclose()
+
+
+async def test_a_page_that_fails_answers_500_and_the_proxy_goes_on(monkeypatch, log_lines):
+    from proxy.status import page
+
+    def broken(*args):
+        raise RuntimeError("a bug in the page")
+
+    monkeypatch.setattr(page, "render", broken)
+    settings = settings_for(REGISTER, status="127.0.0.1:0")
+    async with running_proxy(settings) as running:
+        assert (await get(f"{base(running)}/")).status_code == 500
+        assert (await get(f"{base(running)}/api/devices")).status_code == 200
+    assert any("status: GET / failed" in line for line in log_lines)

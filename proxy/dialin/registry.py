@@ -1,14 +1,21 @@
-"""The registry of dial-in devices: SQLite (WAL), one row per device id, with its direct port for good.
+"""The registry of dial-in devices: SQLite, one row per device id, with its direct port for good.
 
 All access goes through one worker thread at a time (trio.to_thread with a limiter of one), so the
 event loop never waits on the disk and the connection is never used by two threads at once.
+
+The journal is a rollback journal, not WAL: WAL maps a shared-memory file, and when that file cannot be
+written the process dies of SIGBUS, which nothing can catch. A rollback journal maps nothing, and lets
+`devproxy devices` read and change the registry while the proxy runs. Any statement can fail (disk
+full, an I/O error, a lock another program holds): every sqlite3.Error becomes a RegistryError.
 """
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
+from functools import wraps
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -34,8 +41,38 @@ CREATE TABLE IF NOT EXISTS devices (
 """
 
 
+COLUMNS = (
+    "id",
+    "name",
+    "note",
+    "direct_port",
+    "created",
+    "last_seen",
+    "last_connect",
+    "last_disconnect",
+    "last_peer",
+    "bytes_to_device",
+    "bytes_from_device",
+)
+# How long a statement waits for a lock another program holds before it fails (and is retried later).
+BUSY_TIMEOUT_MS = 5000
+
+
 class RegistryError(Exception):
-    """A registration cannot be made; the message says why (a full port range, a taken port...)."""
+    """The registry cannot do what was asked; the message names the file and says why."""
+
+
+def _sqlite_errors(method: Callable[..., T]) -> Callable[..., T]:
+    """Turns any sqlite3.Error of a registry method into a RegistryError naming the file."""
+
+    @wraps(method)
+    def wrapper(self: Registry, *args: Any, **kwargs: Any) -> T:
+        try:
+            return method(self, *args, **kwargs)
+        except sqlite3.Error as exc:
+            raise RegistryError(f"registry {self.path}: {exc}") from None
+
+    return wrapper
 
 
 @attrs.frozen
@@ -70,20 +107,57 @@ def _now() -> str:
 class Registry:
     """The device table; the blocking methods are for the CLI, the async ones for the running proxy."""
 
-    def __init__(self, path: str | Path, direct_ports: tuple[int, int]) -> None:
+    def __init__(self, path: str | Path, direct_ports: tuple[int, int] | None) -> None:
+        """Opens (or creates) the registry and checks that it is one.
+
+        Error handling: RegistryError naming the file and the reason when it is not a database, not a
+        devproxy registry, damaged, or cannot be opened.
+        """
         self.path = str(path)
         self.direct_ports = direct_ports
-        try:
-            self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            # With WAL, NORMAL syncs at checkpoints, not at each commit: a crash of the process loses
-            # nothing, a crash of the machine at most the last moments; registering thousands stays fast.
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.execute("PRAGMA busy_timeout=5000")
-            self._db.execute(SCHEMA)
-        except sqlite3.Error as exc:
-            raise RegistryError(f"registry {self.path}: {exc}") from None
         self._limiter = trio.CapacityLimiter(1)
+        # What the proxy knows is registered, to write back if the file is deleted while it runs.
+        self.known: dict[str, Record] = {}
+        self._db = self._open()
+
+    def _open(self) -> sqlite3.Connection:
+        try:
+            db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        except sqlite3.Error as exc:
+            raise RegistryError(f"registry {self.path}: cannot be opened: {exc}") from None
+        try:
+            db.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+            # A registry left in WAL mode is turned into a rollback journal without touching its
+            # shared-memory file: in exclusive locking mode WAL keeps its index in the heap.
+            db.execute("PRAGMA locking_mode=EXCLUSIVE")
+            db.execute("PRAGMA journal_mode=TRUNCATE")
+            db.execute("PRAGMA locking_mode=NORMAL")
+            db.execute("PRAGMA synchronous=FULL")
+            check = db.execute("PRAGMA quick_check").fetchone()[0]
+            if check != "ok":
+                raise RegistryError(f"registry {self.path}: the file is damaged ({check})")
+            db.execute(SCHEMA)
+            columns = tuple(row[1] for row in db.execute("PRAGMA table_info(devices)"))
+            if columns != COLUMNS:
+                raise RegistryError(
+                    f"registry {self.path}: not a devproxy registry (its devices table has {', '.join(columns)})"
+                )
+            db.execute("SELECT COUNT(*) FROM devices").fetchone()
+        except sqlite3.DatabaseError as exc:
+            db.close()
+            raise RegistryError(f"registry {self.path}: not a devproxy registry ({exc})") from None
+        except RegistryError:
+            db.close()
+            raise
+        self._identity = self._file_identity()
+        return db
+
+    def _file_identity(self) -> tuple[int, int] | None:
+        try:
+            stat = os.stat(self.path)
+        except OSError:
+            return None
+        return stat.st_dev, stat.st_ino
 
     def close(self) -> None:
         self._db.close()
@@ -94,19 +168,26 @@ class Registry:
 
     # -- blocking methods --------------------------------------------------------------------------
 
+    @_sqlite_errors
     def get(self, device_id: str) -> Record | None:
         row = self._db.execute("SELECT * FROM devices WHERE id = ?", (device_id,)).fetchone()
         return Record(*row) if row else None
 
+    @_sqlite_errors
     def all(self) -> list[Record]:
-        return [Record(*row) for row in self._db.execute("SELECT * FROM devices ORDER BY direct_port")]
+        records = [Record(*row) for row in self._db.execute("SELECT * FROM devices ORDER BY direct_port")]
+        self.known.update((record.id, record) for record in records)
+        return records
 
+    @_sqlite_errors
     def add(self, device_id: str, port: int | None = None, name: str = "", note: str = "") -> Record:
         """Registers `device_id` on `port`, or on the lowest free port of the range."""
         if self.get(device_id) is not None:
             raise RegistryError(f"{device_id} is already registered")
-        low, high = self.direct_ports
+        if port is None and self.direct_ports is None:
+            raise RegistryError(f"direct_ports = 'any': {device_id} needs its port given (--port)")
         if port is None:
+            low, high = self.direct_ports
             # The lowest free port: the range's first, or the first after a taken one that is free.
             row = self._db.execute(
                 "SELECT MIN(candidate) FROM (SELECT ? AS candidate UNION SELECT direct_port + 1 FROM devices) "
@@ -123,18 +204,27 @@ class Registry:
             )
         except sqlite3.IntegrityError:
             raise RegistryError(f"port {port} belongs to another device") from None
-        return self.get(device_id)
-
-    def find_or_add(self, device_id: str, autoregister: bool) -> tuple[Record | None, bool]:
-        """(the device's record, True if it was registered now); (None, False) if unknown and not added."""
         record = self.get(device_id)
+        self.known[device_id] = record
+        return record
+
+    @_sqlite_errors
+    def find_or_add(self, device_id: str, autoregister: bool, port: int | None = None) -> tuple[Record | None, bool]:
+        """(the device's record, True if it was registered now, on `port` if given); (None, False) if
+        unknown and not added."""
+        record = self.get(device_id)
+        if record is not None:
+            self.known[device_id] = record
         if record is not None or not autoregister:
             return record, False
-        return self.add(device_id), True
+        return self.add(device_id, port), True
 
+    @_sqlite_errors
     def remove(self, device_id: str) -> bool:
+        self.known.pop(device_id, None)
         return self._db.execute("DELETE FROM devices WHERE id = ?", (device_id,)).rowcount > 0
 
+    @_sqlite_errors
     def record(self, events: Iterable[Event], traffic: Iterable[tuple[str, int, int]]) -> None:
         """Writes connects, disconnects and (id, bytes to device, bytes from device) in one transaction."""
         now = _now()
@@ -156,3 +246,23 @@ class Registry:
                 " last_seen = ? WHERE id = ?",
                 [(to_device, from_device, now, device_id) for device_id, to_device, from_device in traffic],
             )
+
+    @_sqlite_errors
+    def recreate_if_gone(self) -> int | None:
+        """When the file was deleted or replaced while the proxy runs: a new registry at the path with
+        every device this proxy knows; returns how many, or None when the file is still the one opened.
+
+        Error handling: RegistryError when the new file cannot be made.
+        """
+        if self._file_identity() == self._identity:
+            return None
+        self._db.close()
+        self._db = self._open()
+        known = list(self.known.values())
+        with self._db:
+            self._db.execute("BEGIN")
+            self._db.executemany(
+                f"INSERT OR IGNORE INTO devices ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})",
+                [attrs.astuple(record) for record in known],
+            )
+        return len(known)

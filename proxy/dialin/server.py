@@ -12,10 +12,13 @@ from proxy.clients import peer_name
 from proxy.config import DialinConfig
 from proxy.device import Device
 from proxy.dialin.identify import IdentifyFailed, identify
-from proxy.dialin.registry import Event, Registry
+from proxy.dialin.registry import Event, Registry, RegistryError
 
 # Connects, disconnects and bytes reach the registry this often, in one transaction, not one by one.
 FLUSH_INTERVAL = 1.0
+# Connects and disconnects kept while the registry cannot be written (then the oldest are dropped): a
+# day of a thousand meters reconnecting every few minutes.
+MAX_PENDING_EVENTS = 100_000
 
 
 class DialinServer:
@@ -35,6 +38,9 @@ class DialinServer:
         self.connected = 0
         self._flushed: dict[str, tuple[int, int]] = {}
         self._events: list[Event] = []
+        # Why the last flush failed, while the registry cannot be written.
+        self._failing: str | None = None
+        self.identifying = 0
 
     async def serve(
         self, listeners: list[trio.SocketListener], *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
@@ -56,10 +62,15 @@ class DialinServer:
         peer = peer_name(stream)
         handed_over = False
         try:
-            if self.connected >= self.config.max_devices:
+            # Connections still identifying count too: a flood of silent connections is refused as well.
+            if self.connected + self.identifying >= self.config.max_devices:
                 logger.warning("dialin: {} refused: max_devices = {} connected", peer, self.config.max_devices)
                 return
-            handed_over = await self._identify_and_attach(stream, peer)
+            self.identifying += 1
+            try:
+                handed_over = await self._identify_and_attach(stream, peer)
+            finally:
+                self.identifying -= 1
         finally:
             if not handed_over:
                 await trio.aclose_forcefully(stream)
@@ -107,18 +118,51 @@ class DialinServer:
             await self.flush()
 
     async def flush(self) -> None:
-        """Writes the connects and disconnects since the last flush, and the bytes each device moved."""
-        updates = []
+        """Writes the connects and disconnects since the last flush, and the bytes each device moved.
+
+        Error handling: when the registry cannot be written, everything is kept for the next flush
+        (events up to MAX_PENDING_EVENTS) and the failure is logged once, then its end; a registry file
+        deleted while the proxy runs is made again with every device the proxy knows.
+        """
+        registry = self.registry
+        try:
+            recreated = await registry.run(registry.recreate_if_gone)
+            if recreated is not None:
+                logger.error(
+                    "dialin: registry {} was deleted or replaced while the proxy ran; made it again with the {} "
+                    "devices this proxy knows",
+                    registry.path,
+                    recreated,
+                )
+            updates, done = self._traffic()
+            events = self._events
+            if updates or events:
+                await registry.run(registry.record, events, updates)
+        except RegistryError as exc:
+            if self._failing is None:
+                logger.error("dialin: cannot write the registry: {}; keeping its updates and retrying", exc)
+            self._failing = str(exc)
+            if len(self._events) > MAX_PENDING_EVENTS:
+                dropped = len(self._events) - MAX_PENDING_EVENTS
+                del self._events[:dropped]
+                logger.error("dialin: registry still failing; dropped the {} oldest connect/disconnect events", dropped)
+            return
+        del self._events[: len(events)]
+        self._flushed.update(done)
+        if self._failing is not None:
+            logger.info("dialin: the registry is written again")
+            self._failing = None
+
+    def _traffic(self) -> tuple[list[tuple[str, int, int]], dict[str, tuple[int, int]]]:
+        """(id, bytes to device, bytes from device) moved since the last flush, and the totals then flushed."""
+        updates, done = [], {}
         for device in self._devices():
             counters = device.counters
             done_to, done_from = self._flushed.get(device.config.path, (0, 0))
             if counters.bytes_to_device < done_to or counters.bytes_from_device < done_from:
                 done_to = done_from = 0  # the device was restarted (a reload): its counters began anew
-            if (counters.bytes_to_device, counters.bytes_from_device) != (done_to, done_from):
-                updates.append(
-                    (device.config.path, counters.bytes_to_device - done_to, counters.bytes_from_device - done_from)
-                )
-                self._flushed[device.config.path] = (counters.bytes_to_device, counters.bytes_from_device)
-        events, self._events = self._events, []
-        if updates or events:
-            await self.registry.run(self.registry.record, events, updates)
+            totals = (counters.bytes_to_device, counters.bytes_from_device)
+            if totals != (done_to, done_from):
+                updates.append((device.config.path, totals[0] - done_to, totals[1] - done_from))
+                done[device.config.path] = totals
+        return updates, done

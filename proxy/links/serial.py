@@ -96,6 +96,11 @@ async def open_serial(config: DeviceConfig) -> SerialLink:
     except termios.error as exc:
         await link.aclose()
         raise LinkError(f"{config.path}: not a serial port ({exc.args[-1]})") from None
+    except ValueError as exc:
+        # The driver refused a line setting (trio-serial says so with ValueError): say which.
+        await link.aclose()
+        settings = f"{config.baudrate} {config.bytesize}{config.parity}{config.stopbits:g}"
+        raise LinkError(f"{config.path}: the port refuses {settings}: {exc}") from None
     except OSError as exc:
         await link.aclose()
         if exc.errno == errno.EBUSY or "exclusively lock" in str(exc):

@@ -64,6 +64,9 @@ class StatusServer:
                 pass
             except h11.LocalProtocolError as exc:
                 logger.debug("status: cannot answer a client: {}", exc)
+            except Exception:
+                # Containment: one HTTP client's trouble ends its connection, never the status server.
+                logger.exception("status: a client's connection failed")
 
     async def _requests(self, stream: trio.SocketStream, connection: h11.Connection) -> None:
         while True:
@@ -81,7 +84,12 @@ class StatusServer:
             if request is None:
                 return
             method, target, headers, body = request
-            response = self.route(method, target, headers, body)
+            try:
+                response = self.route(method, target, headers, body)
+            except Exception:
+                # A bug in one page must not cost the proxy anything: this request gets a 500.
+                logger.exception("status: {} {} failed", method, target[:200])
+                response = _error(500, "internal error; the proxy's log has the details")
             await self._send(stream, connection, response, close=False)
             if connection.our_state is h11.MUST_CLOSE or connection.their_state is h11.MUST_CLOSE:
                 return
@@ -103,6 +111,10 @@ class StatusServer:
                 return None
             if isinstance(event, h11.Request):
                 request = event
+                head = len(event.method) + len(event.target) + sum(len(n) + len(v) + 4 for n, v in event.headers)
+                if head > MAX_REQUEST:
+                    # h11 bounds a head that arrives in pieces; this bounds one that arrived whole.
+                    raise h11.RemoteProtocolError("request head too large", error_status_hint=431)
                 length = dict(event.headers).get(b"content-length")
                 if length is not None and length.isdigit() and int(length) > MAX_REQUEST:
                     raise h11.RemoteProtocolError("request body too large", error_status_hint=413)
@@ -139,7 +151,10 @@ class StatusServer:
 
     def route(self, method: str, target: str, headers: dict[str, str], body: bytes) -> Response:
         """The response to one request."""
-        url = urlsplit(target)
+        try:
+            url = urlsplit(target)
+        except ValueError as exc:
+            return _error(400, f"bad request target: {exc}")
         path = unquote(url.path)
         if path == "/healthz":
             return Response(200, b"ok\n", "text/plain; charset=utf-8") if method == "GET" else _not_allowed("GET")
