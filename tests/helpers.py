@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tty
 from collections.abc import AsyncIterator, Callable
@@ -9,10 +10,11 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import trio
+from loguru import logger
 
 from proxy.app import Running, serve
 from proxy.config import Address, Settings, parse
-from proxy.device import Device
+from proxy.device import UP_STATES, Device
 
 WAIT_LIMIT = 20.0
 
@@ -62,6 +64,62 @@ async def receive_until_closed(stream: trio.abc.ReceiveStream) -> bytes:
         while chunk := await stream.receive_some():
             data += chunk
     return bytes(data)
+
+
+def dialin_settings(tmp_path: Path, **keys: object) -> Settings:
+    """A [dialin] table; direct ports chosen by the system, as every port a test binds."""
+    table = {
+        "listen": ["127.0.0.1:0"],
+        "registry": str(tmp_path / "registry.sqlite3"),
+        "direct_ports": "any",
+        "identify_timeout": 5,
+        "ping_after": 0,
+        **keys,
+    }
+    return parse({"proxy": {"status": ""}, "dialin": table})
+
+
+async def modem(running: Running, identity: bytes) -> trio.SocketStream:
+    """A GPRS modem: connects to the dial-in port and sends its id packet."""
+    address = running.dialin[0]
+    stream = await trio.open_tcp_stream(address.host, address.port)
+    await stream.send_all(identity)
+    return stream
+
+
+async def meter(stream: trio.SocketStream) -> None:
+    """Answers each request with ANS: and the request, as a meter behind the modem would."""
+    with trio.move_on_after(WAIT_LIMIT), contextlib.suppress(trio.ClosedResourceError, trio.BrokenResourceError):
+        while data := await stream.receive_some():
+            await stream.send_all(b"ANS:" + data)
+
+
+async def device_named(running: Running, device_id: str) -> Device:
+    """The dial-in device with this id, once it has started."""
+    with trio.fail_after(WAIT_LIMIT):
+        while True:
+            for device in running.devices.values():
+                if device.config.path == device_id and device.dialin is not None:
+                    return device
+            await running.device_started()
+
+
+async def online(device: Device) -> None:
+    """Waits until the device's link is up."""
+    await wait_for(device, lambda: device.state in UP_STATES)
+
+
+async def logged(text: str, log_lines: list[str]) -> None:
+    """Waits until a log line holds `text` (for what only the log tells, like the registry's failures)."""
+    if any(text in line for line in log_lines):
+        return
+    seen = trio.Event()
+    sink = logger.add(lambda message: seen.set() if text in message else None, level="DEBUG")
+    try:
+        with trio.fail_after(WAIT_LIMIT):
+            await seen.wait()
+    finally:
+        logger.remove(sink)
 
 
 class PtyDevice:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import socket
 import sqlite3
 
@@ -17,55 +16,23 @@ from proxy.simulators import serve_stream
 from proxy.simulators.custom import CustomRegister
 from proxy.status.snapshot import device_snapshot
 
-from helpers import WAIT_LIMIT, receive_exactly, receive_until_closed, running_proxy, wait_for
-
-
-def dialin_settings(tmp_path, **keys):
-    # Direct ports chosen by the system, as every port a test binds: no test waits on another's sockets.
-    table = {
-        "listen": ["127.0.0.1:0"],
-        "registry": str(tmp_path / "registry.sqlite3"),
-        "direct_ports": "any",
-        "identify_timeout": 5,
-        "ping_after": 0,
-        **keys,
-    }
-    return parse({"proxy": {"status": ""}, "dialin": table})
-
-
-async def modem(running, identity: bytes) -> trio.SocketStream:
-    """A GPRS modem: connects to the dial-in port and sends its id packet."""
-    address = running.dialin[0]
-    stream = await trio.open_tcp_stream(address.host, address.port)
-    await stream.send_all(identity)
-    return stream
-
-
-async def meter(stream: trio.SocketStream) -> None:
-    """Answers each request with ANS: and the request, as a meter behind the modem would."""
-    with trio.move_on_after(WAIT_LIMIT), contextlib.suppress(trio.ClosedResourceError, trio.BrokenResourceError):
-        while data := await stream.receive_some():
-            await stream.send_all(b"ANS:" + data)
-
-
-async def device_named(running, device_id: str):
-    with trio.fail_after(WAIT_LIMIT):
-        while True:
-            for device in running.devices.values():
-                if device.config.path == device_id and device.dialin is not None:
-                    return device
-            await running.device_started()
+from helpers import (
+    WAIT_LIMIT,
+    device_named,
+    dialin_settings,
+    meter,
+    modem,
+    online,
+    receive_exactly,
+    receive_until_closed,
+    running_proxy,
+    wait_for,
+)
 
 
 async def direct_client(device) -> trio.SocketStream:
     address = device.config.listen[0]
     return await trio.open_tcp_stream("127.0.0.1", address.port)
-
-
-async def online(device) -> None:
-    with trio.fail_after(WAIT_LIMIT):
-        while device.state not in (State.IDLE, State.BUSY):
-            await device.changed()
 
 
 async def test_a_modem_registers_gets_a_direct_port_and_a_client_talks_to_its_meter(tmp_path):

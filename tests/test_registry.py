@@ -8,13 +8,11 @@ import subprocess
 import sys
 
 import pytest
-import trio
 
 from proxy.dialin import registry as registry_module
 from proxy.dialin import server as server_module
 
-from helpers import WAIT_LIMIT, receive_until_closed, running_proxy
-from test_dialin import device_named, dialin_settings, modem, online
+from helpers import device_named, dialin_settings, logged, modem, online, receive_until_closed, running_proxy
 
 PROXY = [sys.executable, "-m", "proxy"]
 
@@ -24,13 +22,6 @@ def fast_registry(monkeypatch):
     """Locks are waited for 50 ms and updates flushed every 50 ms, so that failures show quickly."""
     monkeypatch.setattr(registry_module, "BUSY_TIMEOUT_MS", 50)
     monkeypatch.setattr(server_module, "FLUSH_INTERVAL", 0.05)
-
-
-async def logged(log_lines: list[str], text: str) -> None:
-    """Waits until a log line holds `text` (the registry's worker thread tells nothing else)."""
-    with trio.fail_after(WAIT_LIMIT):
-        while not any(text in line for line in log_lines):
-            await trio.sleep(0.01)
 
 
 def run_with_registry(tmp_path, contents: bytes | None = None, prepare=None) -> subprocess.CompletedProcess:
@@ -80,10 +71,10 @@ async def test_a_registry_locked_by_another_program_keeps_its_updates_until_it_c
         again = await modem(running, b"KNOWN\n")
         device = await device_named(running, "KNOWN")
         await online(device)
-        await logged(log_lines, "cannot write the registry")
+        await logged("cannot write the registry", log_lines)
         blocker.execute("ROLLBACK")
         blocker.close()
-        await logged(log_lines, "the registry is written again")
+        await logged("the registry is written again", log_lines)
         await again.aclose()
     with sqlite3.connect(settings.dialin.registry) as db:
         rows = db.execute("SELECT id, last_connect FROM devices").fetchall()
@@ -102,7 +93,7 @@ async def test_a_registry_deleted_while_running_is_made_again_with_every_known_d
             await online(await device_named(running, identity.strip().decode()))
             await link.aclose()
         (tmp_path / "registry.sqlite3").unlink()
-        await logged(log_lines, "was deleted or replaced")
+        await logged("was deleted or replaced", log_lines)
         ports = {device.config.path: device.config.listen[0].port for device in running.devices.values()}
     with sqlite3.connect(settings.dialin.registry) as db:
         rows = dict(db.execute("SELECT id, direct_port FROM devices").fetchall())
