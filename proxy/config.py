@@ -13,7 +13,7 @@ from typing import Any
 
 import attrs
 
-from proxy.protocols.raw import MAX_MESSAGE
+from proxy.protocols import MAX_MESSAGE
 
 LOG_LEVELS = ("TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR", "CRITICAL")
 DEVICE_TYPES = ("serial", "tcp", "simulator")

@@ -40,6 +40,9 @@ class Junk:
 
 Event = Frame | Control | Junk
 
+# raw: the longest message held back waiting for silence; past it the bytes are passed on as they are.
+MAX_MESSAGE = 65536
+
 
 class ProtocolError(Exception):
     """A frame cannot be built or decoded; the message says which field is wrong."""
@@ -114,8 +117,9 @@ class DeviceProtocol:
     # Seconds without a byte after which a client's partial message is abandoned and rescanned.
     partial_timeout = 0.5
 
-    def host_framer(self) -> Framer:
-        """A framer for the client's side of the link."""
+    def host_framer(self, max_message: int = MAX_MESSAGE) -> Framer:
+        """A framer for the client's side of the link; `max_message` bounds a raw message (a framed
+        protocol has its own maximum frame)."""
         return self.framer()
 
     def device_framer(self) -> Framer:

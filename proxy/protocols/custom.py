@@ -13,7 +13,7 @@ from operator import add
 
 import attrs
 
-from proxy.protocols import Control, DeviceProtocol, Event, Exchange, Frame, Junk, ProtocolError
+from proxy.protocols import MAX_MESSAGE, Control, DeviceProtocol, Event, Exchange, Frame, Junk, ProtocolError
 from proxy.protocols.framing import ScanningFramer
 
 START = 0x01
@@ -126,7 +126,7 @@ class CustomProtocol(DeviceProtocol):
     # The register's own per-stage byte timeouts are well under a second.
     partial_timeout = 1.0
 
-    def host_framer(self) -> Framer:
+    def host_framer(self, max_message: int = MAX_MESSAGE) -> Framer:
         return Framer(from_device=False)
 
     def device_framer(self) -> Framer:

@@ -12,12 +12,12 @@ from __future__ import annotations
 from functools import reduce
 from operator import xor
 
-from proxy.protocols import Control, DeviceProtocol, Event, Exchange, Frame, ProtocolError
+from proxy.protocols import MAX_MESSAGE, Control, DeviceProtocol, Event, Exchange, Frame, ProtocolError
 from proxy.protocols.framing import ScanningFramer, Seeker, pattern_finder
 
 SOH, STX, ETX, EOT, ACK, NAK = 0x01, 0x02, 0x03, 0x04, 0x06, 0x15
 SLASH, CR, LF = ord("/"), 0x0D, 0x0A
-MAX_MESSAGE = 1024
+MAX_FRAME = 1024
 BREAK = b"\x01B0\x03"
 BUSY = "ERR19"
 
@@ -73,7 +73,7 @@ class Framer(ScanningFramer):
     second SOH or STX) has a Seeker, so the scan stays O(n) whatever the bytes are.
     """
 
-    max_frame = MAX_MESSAGE
+    max_frame = MAX_FRAME
 
     def __init__(self, *, from_host: bool) -> None:
         self.starts = frozenset((SLASH, SOH, STX, ACK) if from_host else (SLASH, SOH, STX))
@@ -94,12 +94,12 @@ class Framer(ScanningFramer):
             if not 0x30 <= buffer[position + 1] <= 0x39:
                 return 0
         if first in (SLASH, ACK):
-            limit = min(len(buffer), position + MAX_MESSAGE)
+            limit = min(len(buffer), position + MAX_FRAME)
             end = self._line.first(buffer, position + 1, limit)
             if end >= 0:
                 return end + 2 - position
-            return None if limit - position < MAX_MESSAGE else 0
-        limit = min(len(buffer), position + MAX_MESSAGE - 1)
+            return None if limit - position < MAX_FRAME else 0
+        limit = min(len(buffer), position + MAX_FRAME - 1)
         end = self._block_end.first(buffer, position + 1, limit)
         bad = (self._bad_after_soh if first == SOH else self._bad_after_stx).first(
             buffer, position + 1, limit if end < 0 else end
@@ -107,7 +107,7 @@ class Framer(ScanningFramer):
         if bad >= 0:
             return 0  # not 7-bit text inside a block: the start was false
         if end < 0:
-            return None if limit - position < MAX_MESSAGE - 1 else 0
+            return None if limit - position < MAX_FRAME - 1 else 0
         return end + 2 - position if end + 1 < len(buffer) else None
 
 
@@ -186,7 +186,7 @@ class IecProtocol(DeviceProtocol):
     host_speaks_during_exchange = True
     partial_timeout = 0.2
 
-    def host_framer(self) -> Framer:
+    def host_framer(self, max_message: int = MAX_MESSAGE) -> Framer:
         return Framer(from_host=True)
 
     def device_framer(self) -> Framer:

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-from proxy.protocols import DeviceProtocol, Event, Exchange, Frame
-
-# The longest raw message held back waiting for silence; past it the bytes are passed on as they are.
-MAX_MESSAGE = 65536
+from proxy.protocols import MAX_MESSAGE, DeviceProtocol, Event, Exchange, Frame
 
 
 class SilenceFramer:
@@ -54,6 +51,9 @@ class RawProtocol(DeviceProtocol):
     framer = SilenceFramer
     request_ends_in_silence = True
     partial_timeout = 0.0  # unused: a raw message ends in frame_gap of silence
+
+    def host_framer(self, max_message: int = MAX_MESSAGE) -> SilenceFramer:
+        return SilenceFramer(max_message)
 
     def exchange(self, request: Event) -> RawExchange:
         return RawExchange()

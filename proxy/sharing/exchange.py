@@ -461,7 +461,7 @@ class ExchangeClient:
 
     async def _read_requests(self) -> str:
         device, protocol = self.device, self.protocol
-        framer = protocol.host_framer()
+        framer = protocol.host_framer(device.config.max_message)
         receive = wire.reader(self.client.stream, device.read_size)
         silence = device.config.frame_gap if protocol.request_ends_in_silence else protocol.partial_timeout
         junk_logged = False
