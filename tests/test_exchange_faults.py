@@ -188,3 +188,22 @@ async def test_writes_of_several_tasks_to_one_stream_never_interleave_and_keep_t
                 nursery.start_soon(outlet.send, chunk)
                 await trio.testing.wait_all_tasks_blocked()
             assert await receive_exactly(reader, sum(map(len, chunks))) == b"".join(chunks)
+
+
+async def test_line_noise_that_looks_like_a_frame_start_does_not_swallow_the_answer(pty):
+    device_end = pty.plug()
+    async with running_proxy(settings_for(exchange_device(pty, "custom"), OTHER)) as running:
+        device = running.devices["dev"]
+        await wait_for(device, lambda: device.state == State.IDLE)
+        async with await connect(running, "dev") as client, await connect(running, "dev") as next_client:
+            await client.send_all(BEEP)
+            assert await receive_exactly(device_end, 9) == BEEP
+            # 01 FF 0F claims a frame of 4 KiB: the answer behind it would wait inside it for ever.
+            noisy = H("01 ff 0f") + BEEP_ANSWER
+            await device_end.send_all(noisy)
+            assert await receive_exactly(client, len(noisy)) == noisy
+            await next_client.send_all(BEEP)
+            # After the protocol's partial_timeout of silence the false start is rescanned: the exchange
+            # is complete without waiting for exchange_timeout, and the next request goes.
+            assert await receive_exactly(device_end, 9) == BEEP
+            assert device.counters.exchanges[ExchangeResult.OK] == 1

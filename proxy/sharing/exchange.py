@@ -135,6 +135,8 @@ class ExchangeSharing:
         await self._expire(trio.current_time())
         if self._flight is not None:
             self._arm(self._flight.answer.deadline())
+            if self._framer is not None and self._framer.pending:
+                self._arm(self._flight.answer.last_byte + self.protocol.partial_timeout)
         if self._queue:
             self._arm(self._queue[0].queued_at + self.config.acquire_timeout)
 
@@ -144,6 +146,15 @@ class ExchangeSharing:
             # The reader is held by a slow client (for at most client_write_timeout); look again later.
             flight.answer.last_byte = now
             return
+        framer = self._framer
+        if framer is not None and framer.pending and now >= flight.answer.last_byte + self.protocol.partial_timeout:
+            # The device went quiet inside what looked like a frame: a false start (line noise), which
+            # is rescanned so that an answer behind it is found.
+            replies = flight.answer.feed(framer.flush(), flight.answer.last_byte)
+            if replies:
+                await self._write_for_absent_host(flight, replies)
+            if self._flight is not flight:
+                return
         verdict = flight.answer.check(now)
         if verdict is Verdict.COMPLETE:
             await self._finish(flight)
@@ -292,6 +303,8 @@ class ExchangeSharing:
                 await self._finish(flight)
         elif answer.exchange.ends_in_silence:
             self._arm(answer.deadline())
+        elif self._framer is not None and self._framer.pending:
+            self._arm(now + self.protocol.partial_timeout)
 
     async def _write_for_absent_host(self, flight: Flight, replies: bytes) -> None:
         try:

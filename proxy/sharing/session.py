@@ -59,6 +59,12 @@ class RawTracker:
     def host_gone(self) -> bytes:
         return b""
 
+    def next_look(self, answer: Answer) -> float:
+        return answer.deadline()
+
+    def flush_if_quiet(self, now: float) -> bytes:
+        return b""
+
 
 class FramedTracker:
     """What a device that speaks a protocol may still owe: the answers to the client's requests, found by
@@ -102,6 +108,27 @@ class FramedTracker:
 
     def host_gone(self) -> bytes:
         return b"".join(answer.exchange.host_gone() for answer in self._answers if not answer.complete)
+
+    def next_look(self, answer: Answer) -> float:
+        """When settling must look again: the answer's deadline, or the end of a false start's grace."""
+        if self._device.pending:
+            return min(answer.deadline(), answer.last_byte + self._protocol.partial_timeout)
+        return answer.deadline()
+
+    def flush_if_quiet(self, now: float) -> bytes:
+        """The device went quiet inside what looked like a frame: a false start, rescanned so that an
+        answer behind it is found. Returns what the proxy owes the device for an absent host."""
+        answers = self._answers
+        if not self._device.pending or not answers or now < answers[0].last_byte + self._protocol.partial_timeout:
+            return b""
+        replies = b""
+        for event in self._device.flush():
+            while answers and answers[0].complete:
+                answers.popleft()
+            if not answers:
+                break
+            replies += answers[0].feed([event], answers[0].last_byte)
+        return replies
 
 
 Tracker = RawTracker | FramedTracker
@@ -353,11 +380,15 @@ class SessionSharing:
             now = trio.current_time()
             if lease.delivering:
                 answer.last_byte = now  # the reader is held by the client: no silence can be seen
+            replies = tracker.flush_if_quiet(now)
+            if replies:
+                await self._write_for_absent_host(lease, replies)
+                continue
             verdict = answer.check(now)
             if verdict is Verdict.WAIT or (verdict is Verdict.LATE and not device.reset_settles):
                 waited = True
                 lease.woken = trio.Event()
-                with trio.move_on_at(answer.deadline()):
+                with trio.move_on_at(tracker.next_look(answer)):
                     await lease.woken.wait()
                 lease.woken = None
             elif verdict is Verdict.EXPIRED and not waited:
