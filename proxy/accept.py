@@ -45,6 +45,8 @@ async def serve_listeners(
     Resource handling: the listeners are closed when this returns.
     """
     try:
+        # Containment: each handler contains its own connection's failures; an accept error other than
+        # running out of descriptors is a bug and ends this nursery, for the caller to log.
         async with trio.open_nursery() as nursery:
             for listener in listeners[1:]:
                 nursery.start_soon(accept_loop, listener, handler, nursery)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import attrs
 import trio
 from loguru import logger
@@ -266,7 +268,9 @@ class Running:
         try:
             log.setup(settings.proxy)
         except log.LogFileError as exc:
-            log.setup(self.settings.proxy)
+            # If the old file is gone too, setup() still leaves stderr.
+            with contextlib.suppress(log.LogFileError):
+                log.setup(self.settings.proxy)
             logger.error("{}; the previous logging settings stay", exc)
             settings = attrs.evolve(settings, proxy=self.settings.proxy)
         for device in self.devices.values():
@@ -308,6 +312,9 @@ async def serve(settings: Settings, *, task_status: trio.TaskStatus[Running] = t
             registry.close()
         raise
     try:
+        # Containment: only a startup error (above) ends the process. From here, every task contains its
+        # own failures and logs them: a device restarts its supervisor (supervise), a client's or a
+        # dial-in connection's failure ends that connection, the status server answers 500.
         async with trio.open_nursery() as nursery:
             running = Running(settings, nursery, registry)
             if status_listeners:

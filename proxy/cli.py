@@ -169,7 +169,11 @@ def run(path: str) -> int:
             logger.error("SIGHUP: the new settings are not used, the running ones stay:\n{}", exc)
             return
         logger.info("SIGHUP: reloading {}", path)
-        await running.reload(new_settings)
+        try:
+            await running.reload(new_settings)
+        except Exception:
+            # A reload that fails must not stop what runs: the devices it did not reach keep going.
+            logger.exception("SIGHUP: the reload failed part way; the proxy keeps running")
 
     try:
         _run_until_signal(lambda task_status: serve(settings, task_status=task_status), on_hangup=reload)
@@ -306,6 +310,7 @@ def _run_until_signal(
 
     async def main() -> None:
         with trio.open_signal_receiver(*wanted) as signals:
+            # Containment lives inside `start` (app.serve): what reaches this nursery ends the program.
             async with trio.open_nursery() as nursery:
                 ready = await nursery.start(start)
                 if isinstance(ready, str):

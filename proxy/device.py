@@ -140,8 +140,9 @@ class Device:
         """
         self.tracing = log.tracing()
         # A nursery only where something runs beside the link (a simulator, the exchange clock): a
-        # thousand dial-in devices make every nursery count. Every failure inside is contained by the
-        # caller, which restarts this supervisor; the clients' tasks live elsewhere and stay.
+        # thousand dial-in devices make every nursery count. Containment: a simulator contains its own
+        # failures (links.simulator); anything else that fails here is a bug, contained by the caller,
+        # which restarts this supervisor; the clients' tasks live elsewhere and stay.
         if self.dialin is not None and not self.sharing.needs_task:
             task_status.started()
             await self._run_dialin()

@@ -8,6 +8,7 @@ import subprocess
 
 from test_cli import LIMIT, spawn, wait_for_line
 
+from proxy import log
 from proxy.config import parse
 from proxy.device import State
 
@@ -90,3 +91,23 @@ def test_sighup_reloads_the_file_and_a_broken_file_changes_nothing(tmp_path):
         wait_for_line(proxy.stderr, r"SIGHUP: the new settings are not used")
         proxy.send_signal(signal.SIGTERM)
         assert proxy.wait(LIMIT) == 0
+
+
+async def test_a_log_file_that_cannot_be_opened_at_reload_keeps_the_previous_logging(tmp_path, monkeypatch):
+    settings = settings_for(register("kept"))
+    async with running_proxy(settings) as running:
+        setup = log.setup
+
+        def refuse_the_new_file(config):
+            if config.log_file:
+                raise log.LogFileError(f"log_file {config.log_file!r} cannot be opened: disk full")
+            setup(config)
+
+        monkeypatch.setattr(log, "setup", refuse_the_new_file)
+        proxy = {"status": "", "log_file": str(tmp_path / "devproxy.log")}
+        new = parse({"proxy": proxy, "device": [register("kept", listen=["127.0.0.1:0"])]})
+        await running.reload(new)
+        assert running.settings.proxy.log_file == ""
+        async with await connect(running, "kept") as client:
+            await client.send_all(BEEP)
+            assert await receive_exactly(client, 9) == BEEP_ANSWER

@@ -6,6 +6,7 @@ the first one settles: one device's trouble stalls nobody else.
 
 from __future__ import annotations
 
+import contextlib
 import struct
 
 import httpx
@@ -199,3 +200,28 @@ async def test_a_device_that_never_answers_a_client_that_left_is_free_after_resp
         async with await connect(running, "dev") as next_client:
             await next_client.send_all(b"next job")
             assert await receive_exactly(device_end, 8) == b"next job"
+
+
+async def test_a_tcp_device_that_stops_taking_bytes_is_reset_and_the_next_client_served(tcp_device):
+    settings = settings_for(
+        {"name": "dev", "type": "tcp", "path": str(tcp_device.address), "response_timeout": 0.2, "acquire_timeout": 30}
+    )
+    async with running_proxy(settings) as running:
+        device = running.devices["dev"]
+        stuck_link = await tcp_device.next_connection()  # never read: its window closes
+        async with await connect(running, "dev") as pushing, await connect(running, "dev") as next_client:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_push_until_closed, pushing)
+                # The write stalls for response_timeout: the link is reset and the pushing client let go.
+                second_link = await tcp_device.next_connection()
+            await next_client.send_all(b"mine")
+            assert await receive_exactly(second_link, 4) == b"mine"
+        assert device.counters.link_losses == 1
+        await stuck_link.aclose()
+
+
+async def _push_until_closed(stream: trio.SocketStream) -> None:
+    chunk = b"x" * 65536
+    with contextlib.suppress(trio.BrokenResourceError):
+        while True:
+            await stream.send_all(chunk)

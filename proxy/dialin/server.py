@@ -48,11 +48,16 @@ class DialinServer:
         """Accepts devices until cancelled. Error handling: a device's trouble ends that connection only;
         accept errors such as EMFILE make the accept loop pause, not spin."""
         try:
+            # Containment: one device's connection (and a ping) fails alone (_connection, the sharing
+            # modes); a failing flush is retried (flush); only a bug of the server itself ends this
+            # nursery, which is logged, and the configured devices and direct ports keep running.
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._flush_periodically)
                 nursery.start_soon(self._check_silence, nursery)
                 await nursery.start(accept.serve_listeners, self._connection, listeners)
                 task_status.started()
+        except Exception:
+            logger.exception("dialin: the dial-in server failed; devices cannot connect until a restart")
         finally:
             with trio.CancelScope(shield=True):
                 await self.flush()
@@ -69,6 +74,8 @@ class DialinServer:
             self.identifying += 1
             try:
                 handed_over = await self._identify_and_attach(stream, peer)
+            except Exception:
+                logger.exception("dialin: {}: unexpected error; connection closed", peer)
             finally:
                 self.identifying -= 1
         finally:
@@ -115,7 +122,10 @@ class DialinServer:
     async def _flush_periodically(self) -> None:
         while True:
             await trio.sleep(FLUSH_INTERVAL)
-            await self.flush()
+            try:
+                await self.flush()
+            except Exception:
+                logger.exception("dialin: writing the registry failed unexpectedly; retrying")
 
     async def flush(self) -> None:
         """Writes the connects and disconnects since the last flush, and the bytes each device moved.

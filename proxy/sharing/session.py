@@ -279,6 +279,8 @@ class SessionSharing:
         idle_timeout = self.config.idle_timeout
         if not idle_timeout:
             return await self._forward(lease, client)
+        # Containment: both tasks are this client's; what fails here ends this client's turn
+        # (handle_client logs it) and the device settles as after any other end.
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_end_when_idle, lease, idle_timeout)
             why = await self._forward(lease, client)
@@ -445,7 +447,11 @@ class SessionSharing:
         return True
 
     async def _ping(self, lease: Lease, data: bytes) -> None:
-        """A ping's turn: sent, then held like an exchange until its answer is complete."""
+        """A ping's turn: sent, then held like an exchange until its answer is complete.
+
+        Error handling: it runs in the dial-in server's nursery, so a failure is logged here and ends
+        this ping only.
+        """
         try:
             lease.tracker.client_sent(data, trio.current_time())
             try:
@@ -456,6 +462,8 @@ class SessionSharing:
                 self.device.reset_link("the device took no byte of a ping for response_timeout")
                 return
             await self._settle(lease, delivering=False)
+        except Exception:
+            logger.exception("{}: the ping failed unexpectedly", self.device.name)
         finally:
             self._release(lease)
 

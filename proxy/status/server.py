@@ -52,8 +52,12 @@ class StatusServer:
     async def serve(
         self, listeners: list[trio.SocketListener], *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
-        """Serves until cancelled. Error handling: one client's trouble is logged and ends that client only."""
-        await accept.serve_listeners(self._connection, listeners, task_status=task_status)
+        """Serves until cancelled. Error handling: one client's trouble is logged and ends that client only;
+        a failure of the server itself (a bug) is logged and ends the status server, not the proxy."""
+        try:
+            await accept.serve_listeners(self._connection, listeners, task_status=task_status)
+        except Exception:
+            logger.exception("status: the status server failed; the devices keep running without it")
 
     async def _connection(self, stream: trio.SocketStream) -> None:
         async with stream:
