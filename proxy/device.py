@@ -84,17 +84,12 @@ class Device:
         self.counters = Counters()
         self.clients = 0
         self.tracing = False
-        # Closing and reopening a TCP connection (or a simulator's socket) stops whatever the device was
-        # sending; reopening a serial port does not, and a dial-in device cannot be called back.
-        self.reset_settles = config.type in ("tcp", "simulator")
         self.read_size = RAW_READ_SIZE if config.protocol == "raw" else FRAMED_READ_SIZE
         self._link: trio.abc.Stream | None = None
         self._outlet: wire.Outlet | None = None
         self._link_scope: trio.CancelScope | None = None
         # Why the link was closed from inside the proxy: a reason, or None when closed on purpose.
         self._link_close_reason: str | None = None
-        # The proxy closed the link to settle the device (a TCP device stops answering): reopen at once.
-        self._reopen_at_once = False
         # Set on every change an observer can see (state, holder, waiters, clients, refusals, dropped
         # bytes), and created only when someone waits for one. Not set per forwarded chunk.
         self._changed: trio.Event | None = None
@@ -164,9 +159,6 @@ class Device:
             if link is not None:
                 lost = await self._serve_link(link)
                 if lost is None:
-                    continue
-                if self._reopen_at_once:
-                    logger.info("{}: closed the link ({}); reopening it", self.name, lost)
                     continue
                 self._set_state(State.OFFLINE, f"link lost ({lost})")
             if self.config.reconnect_interval > 0:
@@ -252,7 +244,6 @@ class Device:
         self._last_received = trio.current_time()
         self._link_scope = scope = trio.CancelScope()
         self._link_close_reason = None
-        self._reopen_at_once = False
         # With release_port an open per client is routine, not news.
         opened = "" if self.config.release_port else f"{self.config.describe()} opened"
         self._set_state(State.IDLE, opened)
@@ -270,7 +261,7 @@ class Device:
             self.counters.last_disconnect = datetime.now(UTC)
             if scope.cancelled_caught:
                 lost = self._link_close_reason
-            if lost is not None and not self._reopen_at_once:
+            if lost is not None:
                 self.counters.link_losses += 1
             self.sharing.link_down(lost)
             self._notify()
@@ -354,14 +345,12 @@ class Device:
 
     # -- the link's lifecycle ----------------------------------------------------------------------
 
-    def reset_link(self, reason: str, *, reopen_at_once: bool = False) -> None:
+    def reset_link(self, reason: str) -> None:
         """Closes the link as failed; it is reopened (a dial-in device's, when it calls again).
 
-        `reopen_at_once`: the link is closed only to stop what the device was sending (settling a TCP
-        device); it is reopened without waiting reconnect_interval and not counted as lost.
+        A reset settles nothing: reopening a serial port does not stop a device that is answering, and a
+        "TCP device" may be a serial-to-TCP converter whose register answers on the next connection.
         """
-        if self._link_scope is not None:
-            self._reopen_at_once = reopen_at_once and self.dialin is None
         self._close_link(reason)
 
     def release_link(self) -> None:
@@ -375,7 +364,8 @@ class Device:
         self._demand.set()
 
     def _close_link(self, reason: str | None) -> None:
-        if self._link_scope is not None:
+        # The first reason is the one to log: a write that fails because the link is closing says less.
+        if self._link_scope is not None and self._link is not None:
             self._link_close_reason = reason
             self._link_scope.cancel()
             # Nobody may start on a link that is being closed: from now on clients wait for the next.

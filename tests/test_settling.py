@@ -146,24 +146,24 @@ async def test_a_framed_device_is_free_the_moment_the_answer_of_a_client_that_le
             assert await receive_exactly(next_client, 9) == BEEP_ANSWER
 
 
-async def test_a_tcp_device_is_settled_at_once_by_a_new_connection(tcp_device):
+async def test_a_tcp_device_settles_on_its_connection_which_the_proxy_keeps(tcp_device):
     settings = settings_for({"name": "dev", "type": "tcp", "path": str(tcp_device.address), "acquire_timeout": 30})
     async with running_proxy(settings) as running:
         device = running.devices["dev"]
-        first_link = await tcp_device.next_connection()
+        link = await tcp_device.next_connection()
         leaving = await connect(running, "dev")
         await leaving.send_all(b"request")
-        assert await receive_exactly(first_link, 7) == b"request"
+        assert await receive_exactly(link, 7) == b"request"
         reset(leaving)
         await leaving.aclose()
-        assert await receive_until_closed(first_link) == b""
-        second_link = await tcp_device.next_connection()
         async with await connect(running, "dev") as next_client:
             await next_client.send_all(b"mine")
-            assert await receive_exactly(second_link, 4) == b"mine"
-            await second_link.send_all(b"yours")
+            await wait_for(device, lambda: device.state == State.SETTLING and device.waiting == 1)
+            await link.send_all(b"answer for the one that left")
+            assert await receive_exactly(link, 4) == b"mine"
+            await link.send_all(b"yours")
             assert await receive_exactly(next_client, 5) == b"yours"
-        assert device.counters.link_losses == 0
+        assert device.counters.link_losses == 0 and tcp_device.accepted == 1
 
 
 async def test_the_proxy_acknowledges_a_shtrih_answer_for_a_client_that_left(pty):

@@ -9,8 +9,8 @@ response_timeout, exchange_timeout, frame_gap (raw) and acquire_timeout for queu
 
 The device is never given to the next request while it may still be answering the last one (settling):
 when the client left mid-exchange the proxy plays the rest of the host's part (an ACK, an EOT, a C2, a
-break) and drops the answer; when the first byte is late the device waits for it until exchange_timeout
-(a TCP device is reset at once instead). After a timeout the proxy never answers in the device's name:
+break) and drops the answer; when the first byte is late the device waits for it until exchange_timeout.
+After a timeout the proxy never answers in the device's name:
 the client's own driver timeout applies, as on a direct line. When the link is lost mid-answer, the client
 receiving that answer is disconnected, so that its driver starts again from a clean frame.
 """
@@ -163,9 +163,6 @@ class ExchangeSharing:
         elif verdict is Verdict.EXPIRED:
             self._fail(flight, ExchangeResult.TIMEOUT, "not complete within exchange_timeout")
             device.reset_link(f"exchange for {flight.name} not complete within exchange_timeout")
-        elif verdict is Verdict.LATE and device.reset_settles:
-            self._fail(flight, ExchangeResult.TIMEOUT, "no answer within response_timeout")
-            device.reset_link(f"no answer to {flight.name} within response_timeout", reopen_at_once=True)
         elif verdict is Verdict.LATE:
             device.set_state(State.SETTLING)
             logger.info(

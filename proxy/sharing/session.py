@@ -5,9 +5,7 @@ the device as they come and the device's bytes come back to it. When its turn en
 its connection, the status API or idle_timeout ended it) while the device may still be answering it, the
 device settles before the next client gets it: the answer goes to the client if it still reads (it only
 closed its sending side), else it is dropped, and the protocol's framers say when it is complete (raw:
-frame_gap of silence after it began, or response_timeout with no byte), within exchange_timeout. A TCP
-device is settled at once by closing and reopening its connection instead, unless the client still
-reads.
+frame_gap of silence after it began, or response_timeout with no byte), within exchange_timeout.
 """
 
 from __future__ import annotations
@@ -363,10 +361,6 @@ class SessionSharing:
             await self._write_for_absent_host(lease, replies)
         if tracker.pending() is None or not device.link_up:
             return
-        if not delivering and device.reset_settles:
-            # Closing the connection stops whatever the device was still sending.
-            device.reset_link(f"dropping the answer still owed to {lease.name}", reopen_at_once=True)
-            return
         if not delivering:
             device.set_state(State.SETTLING)
             logger.log(
@@ -387,7 +381,7 @@ class SessionSharing:
                 await self._write_for_absent_host(lease, replies)
                 continue
             verdict = answer.check(now)
-            if verdict is Verdict.WAIT or (verdict is Verdict.LATE and not device.reset_settles):
+            if verdict in (Verdict.WAIT, Verdict.LATE):
                 waited = True
                 lease.woken = trio.Event()
                 with trio.move_on_at(tracker.next_look(answer)):
@@ -395,9 +389,6 @@ class SessionSharing:
                 lease.woken = None
             elif verdict is Verdict.EXPIRED and not waited:
                 return  # an old request: whatever the device sends now answers nothing of this lease
-            elif verdict is Verdict.LATE:
-                device.reset_link(f"no answer for {lease.name} within response_timeout", reopen_at_once=True)
-                return
             elif verdict is Verdict.EXPIRED:
                 device.reset_link(f"the answer for {lease.name} was not complete within exchange_timeout")
                 return
