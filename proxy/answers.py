@@ -44,25 +44,31 @@ class Answer:
     def complete(self) -> bool:
         return self.exchange.complete
 
-    def feed(self, events: list[Event], now: float) -> bytes:
-        """Device bytes arrived (as `events`, possibly none yet); returns what the proxy owes the device
-        for a host that is gone (an ACK, an EOT...)."""
-        self.answered = True
-        self.last_byte = now
+    def feed(self, events: list[Event], now: float) -> tuple[bytes, bytes, bytes]:
+        """Device bytes arrived, as `events` (none yet while a frame is incomplete).
+
+        Returns (what belongs to this answer, to pass on; what the proxy owes the device for a host that
+        is gone, an ACK or an EOT; what answered something else, to drop).
+        """
         exchange = self.exchange
-        replies = b""
+        passed, replies, dropped = [], b"", []
         for event in events:
-            if exchange.complete:
-                break
+            if exchange.complete or not exchange.belongs(event):
+                dropped.append(event.raw)
+                continue
+            passed.append(event.raw)
             replies += exchange.on_device(event)
-        return replies
+        if passed or not events:
+            self.answered = True
+            self.last_byte = now
+        return b"".join(passed), replies, b"".join(dropped)
 
     def deadline(self) -> float:
         """When check() may decide something next."""
         config = self.config
-        if not self.answered and not self.late:
-            return self.sent_at + config.response_timeout
         end = self.sent_at + config.exchange_timeout
+        if not self.answered and not self.late:
+            return min(end, self.sent_at + config.response_timeout)
         if self.answered and self.exchange.ends_in_silence:
             return min(end, self.last_byte + config.frame_gap)
         return end

@@ -62,6 +62,8 @@ class Handover:
     link: trio.abc.Stream
     first: bytes
     on_done: Callable[[], None]
+    # The order in which the dial-in server accepted the connection: the newest one serves.
+    order: int = 0
 
 
 class Device:
@@ -103,6 +105,7 @@ class Device:
         self.peer: str | None = None
         self._handover: Handover | None = None
         self._handover_ready = trio.Event()
+        self._serving_order = -1
         # Until the first client of a newly connected dial-in device, what it sends is kept for it.
         self.fresh = False
         self.held = bytearray()
@@ -195,15 +198,22 @@ class Device:
                 self._handover.on_done()
                 self._handover = None
 
-    async def attach(self, link: trio.abc.Stream, first: bytes, peer: str, on_done: Callable[[], None]) -> None:
-        """A dial-in device connected on `link`; `first` is what it sent after its id.
+    async def attach(self, handover: Handover, peer: str) -> None:
+        """A dial-in device connected on handover.link; handover.first is what it sent after its id.
 
-        Resource handling: the device owns `link` from now on and closes it when it is lost, replaced
-        or the device stops; then it calls on_done(). A connection already open for the same device is
-        closed (its client disconnected), so that the newest one serves.
+        Resource handling: the device owns the link from now on and closes it when it is lost, replaced
+        or the device stops; then it calls handover.on_done(). Of several connections for one device,
+        the newest (in accept order, however their identification raced) serves: an older one already
+        open is closed, its client disconnected; one older than the one serving is closed at once.
         """
+        if handover.order < self._serving_order:
+            logger.info("{}: a connection older than the one serving ({}) closed", self.name, peer)
+            handover.on_done()
+            await trio.aclose_forcefully(handover.link)
+            return
+        self._serving_order = handover.order
         self.peer = peer
-        superseded, self._handover = self._handover, Handover(link, first, on_done)
+        superseded, self._handover = self._handover, handover
         self._handover_ready.set()
         if self._link is not None:
             self.reset_link(f"replaced by a new connection from {peer}")

@@ -207,3 +207,87 @@ async def test_line_noise_that_looks_like_a_frame_start_does_not_swallow_the_ans
             # is complete without waiting for exchange_timeout, and the next request goes.
             assert await receive_exactly(device_end, 9) == BEEP
             assert device.counters.exchanges[ExchangeResult.OK] == 1
+
+
+async def test_an_answer_the_client_never_acknowledges_is_acknowledged_at_exchange_timeout(pty):
+    device_end = pty.plug()
+    settings = settings_for(exchange_device(pty, "shtrih", exchange_timeout=0.3), OTHER)
+    async with running_proxy(settings) as running:
+        device = running.devices["dev"]
+        await wait_for(device, lambda: device.state == State.IDLE)
+        async with await connect(running, "dev") as silent, await connect(running, "dev") as next_client:
+            await silent.send_all(SHTRIH_REQUEST)
+            assert await receive_exactly(device_end, len(SHTRIH_REQUEST)) == SHTRIH_REQUEST
+            await device_end.send_all(H("06") + SHTRIH_ANSWER)
+            assert await receive_exactly(silent, 1 + len(SHTRIH_ANSWER)) == H("06") + SHTRIH_ANSWER
+            await next_client.send_all(H("05"))
+            # The client never ACKs: at exchange_timeout the proxy does, so that the register does not keep
+            # the answer pending for the next client's ENQ; the silent client, holding half an exchange,
+            # is disconnected.
+            assert await receive_exactly(device_end, 2) == H("06 05")
+            assert await receive_until_closed(silent) == b""
+            await device_end.send_all(H("15"))
+            assert await receive_exactly(next_client, 1) == H("15")
+            assert device.counters.link_losses == 0
+
+
+async def test_a_device_that_sends_its_answer_twice_never_gives_the_copy_to_the_next_client(pty):
+    device_end = pty.plug()
+    settings = settings_for(exchange_device(pty, "custom"), OTHER)
+    first_request, second_request = build_frame(0x13, b"first"), build_frame(0x13, b"second")
+    first_answer = H("06") + build_frame(0x13, b"\x00\x00first")
+    second_answer = H("06") + build_frame(0x13, b"\x00\x00second")
+    async with running_proxy(settings) as running:
+        device = running.devices["dev"]
+        await wait_for(device, lambda: device.state == State.IDLE)
+        async with await connect(running, "dev") as first, await connect(running, "dev") as second:
+            await first.send_all(first_request)
+            assert await receive_exactly(device_end, len(first_request)) == first_request
+            await device_end.send_all(first_answer)
+            assert await receive_exactly(first, len(first_answer)) == first_answer
+            await second.send_all(second_request)
+            assert await receive_exactly(device_end, len(second_request)) == second_request
+            # The register repeats its last answer before answering the new request: a frame before this
+            # request's ACK answers an earlier one, and is dropped.
+            await device_end.send_all(first_answer[1:] + second_answer)
+            assert await receive_exactly(second, len(second_answer)) == second_answer
+            await other_device_answers(running)
+        assert device.counters.discarded_bytes == len(first_answer) - 1
+
+
+async def test_session_what_a_device_sends_before_the_new_client_speaks_is_not_for_it(pty):
+    device_end = pty.plug()
+    settings = settings_for(exchange_device(pty, "custom", sharing="session"), OTHER)
+    first_answer = H("06") + build_frame(0x13, b"\x00\x00first")
+    async with running_proxy(settings) as running:
+        device = running.devices["dev"]
+        await wait_for(device, lambda: device.state == State.IDLE)
+        async with await connect(running, "dev") as first:
+            request = build_frame(0x13, b"first")
+            await first.send_all(request)
+            assert await receive_exactly(device_end, len(request)) == request
+            await device_end.send_all(first_answer)
+            assert await receive_exactly(first, len(first_answer)) == first_answer
+        async with await connect(running, "dev") as second:
+            await wait_for(device, lambda: device.state == State.BUSY)
+            # The register repeats its answer after the first client left: the second has asked nothing.
+            await device_end.send_all(first_answer[1:])
+            await wait_for(device, lambda: device.counters.discarded_bytes == len(first_answer) - 1)
+            await second.send_all(BEEP)
+            assert await receive_exactly(device_end, 9) == BEEP
+            await device_end.send_all(BEEP_ANSWER)
+            assert await receive_exactly(second, 9) == BEEP_ANSWER
+
+
+async def test_an_atol3_reply_with_another_packets_id_is_not_passed_to_this_client(pty):
+    device_end = pty.plug()
+    async with running_proxy(settings_for(exchange_device(pty, "atol3"), OTHER)) as running:
+        device = running.devices["dev"]
+        await wait_for(device, lambda: device.state == State.IDLE)
+        async with await connect(running, "dev") as client:
+            await client.send_all(ATOL3_TASK)
+            assert await receive_exactly(device_end, len(ATOL3_TASK)) == ATOL3_TASK
+            stale = atol3.build_packet(3, bytes((0xA3, 9, 0x55, 0, 0x47)))
+            await device_end.send_all(stale + ATOL3_RESULT)
+            assert await receive_exactly(client, len(ATOL3_RESULT)) == ATOL3_RESULT
+            assert device.counters.discarded_bytes == len(stale)

@@ -10,7 +10,7 @@ from loguru import logger
 from proxy import accept, log
 from proxy.clients import peer_name
 from proxy.config import DialinConfig
-from proxy.device import Device
+from proxy.device import Device, Handover
 from proxy.dialin.identify import IdentifyFailed, identify
 from proxy.dialin.registry import Event, Registry, RegistryError
 
@@ -41,6 +41,7 @@ class DialinServer:
         # Why the last flush failed, while the registry cannot be written.
         self._failing: str | None = None
         self.identifying = 0
+        self._accepted = 0
 
     async def serve(
         self, listeners: list[trio.SocketListener], *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
@@ -65,6 +66,8 @@ class DialinServer:
     async def _connection(self, stream: trio.SocketStream) -> None:
         """Identifies one device and hands its connection over; closes it on any failure."""
         peer = peer_name(stream)
+        self._accepted += 1
+        order = self._accepted
         handed_over = False
         try:
             # Connections still identifying count too: a flood of silent connections is refused as well.
@@ -73,7 +76,7 @@ class DialinServer:
                 return
             self.identifying += 1
             try:
-                handed_over = await self._identify_and_attach(stream, peer)
+                handed_over = await self._identify_and_attach(stream, peer, order)
             except Exception:
                 logger.exception("dialin: {}: unexpected error; connection closed", peer)
             finally:
@@ -82,7 +85,7 @@ class DialinServer:
             if not handed_over:
                 await trio.aclose_forcefully(stream)
 
-    async def _identify_and_attach(self, stream: trio.SocketStream, peer: str) -> bool:
+    async def _identify_and_attach(self, stream: trio.SocketStream, peer: str, order: int) -> bool:
         timeout = self.config.identify_timeout
         try:
             with trio.fail_after(timeout):
@@ -107,7 +110,7 @@ class DialinServer:
             self.connected -= 1
             self._events.append(Event(device_id, False))
 
-        await device.attach(stream, first, peer, done)
+        await device.attach(Handover(stream, first, done, order), peer)
         return True
 
     async def _check_silence(self, nursery: trio.Nursery) -> None:

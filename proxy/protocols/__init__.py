@@ -86,6 +86,12 @@ class Exchange:
             self.complete = True
         return b""
 
+    def belongs(self, event: Event) -> bool:
+        """False for a device message that cannot be this exchange's answer: a late or repeated answer to
+        an earlier request, which is dropped rather than passed to this client. Protocols whose answers
+        carry no such sign keep the default: everything belongs."""
+        return True
+
     def from_host(self, event: Event) -> bool:
         """A client message during the exchange: True if it belongs to it (and is forwarded now)."""
         return False

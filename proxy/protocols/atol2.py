@@ -108,6 +108,10 @@ class Atol2Exchange(Exchange):
         self.command_sent = False
         self.host_done = False
 
+    def belongs(self, event: Event) -> bool:
+        """The device's answer frame comes in its own turn, after the host's EOT."""
+        return not isinstance(event, Frame) or self.host_done
+
     def on_device(self, event: Event) -> bytes:
         if isinstance(event, Frame):
             self.answering = True

@@ -138,6 +138,15 @@ class Atol3Exchange(Exchange):
         self.awaiting_ack = False
         self.ack_sent = False
 
+    def belongs(self, event: Event) -> bool:
+        """A packet answers this exchange when it carries its ID (or is the awaited async result)."""
+        if not isinstance(event, Frame) or len(event.raw) < 5:
+            return True
+        packet_id = event.raw[3]
+        if packet_id == ASYNC_ID:
+            return self.waits_async and _unescape(event.raw[4:])[1:2] == bytes((self.task_id,))
+        return packet_id == self.packet_id
+
     def on_device(self, event: Event) -> bytes:
         if not isinstance(event, Frame) or len(event.raw) < 5:
             return b""

@@ -111,10 +111,27 @@ class Framer(ScanningFramer):
 
 
 class CustomExchange(Exchange):
-    """Complete when the response frame has arrived, or a NAK refused the request."""
+    """Complete when the response frame has arrived, or a NAK refused the request.
+
+    The register ACKs (or NAKs) a request before it answers, and answers with the request's command: a
+    frame before this request's ACK, or for another command, answers an earlier request.
+    """
+
+    def __init__(self, request: bytes) -> None:
+        super().__init__()
+        self._command = request[3] if len(request) > 3 else -1
+        self._acked = False
+
+    def belongs(self, event: Event) -> bool:
+        if isinstance(event, Control):
+            return not self._acked
+        if isinstance(event, Frame):
+            return self._acked and event.raw[3:4] == bytes((self._command,))
+        return True
 
     def on_device(self, event: Event) -> bytes:
         if isinstance(event, Control):
+            self._acked = True
             self.complete = event.byte == NAK
         elif isinstance(event, Frame):
             self.complete = True
@@ -133,7 +150,7 @@ class CustomProtocol(DeviceProtocol):
         return Framer(from_device=True)
 
     def exchange(self, request: Event) -> CustomExchange:
-        return CustomExchange()
+        return CustomExchange(request.raw)
 
     def busy_answer(self, request: Event) -> bytes | None:
         """ACK, then a response with error 3505 ("protocol held by another connection")."""

@@ -80,11 +80,22 @@ class ShtrihExchange(Exchange):
     response frame in its place, as a driver would.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, request: Event) -> None:
         super().__init__()
         self.answer_pending = False
+        # The response repeats the command; an ENQ's answer may be any pending one.
+        self._command = request.raw[2:3] if isinstance(request, Frame) and request.raw[2:3] != b"\xff" else b""
+        self._acked = False
+
+    def belongs(self, event: Event) -> bool:
+        """A frame answers this request only after the register's ACK, and repeats its command."""
+        if isinstance(event, Frame):
+            return self._acked and (not self._command or event.raw[2:3] == self._command)
+        return True
 
     def on_device(self, event: Event) -> bytes:
+        if isinstance(event, Control) and event.byte == ACK:
+            self._acked = True
         if isinstance(event, Control) and event.byte == NAK:
             # To ENQ: idle, nothing pending. To a frame: an interface error, the host may resend.
             self.complete = True
@@ -120,7 +131,7 @@ class ShtrihProtocol(DeviceProtocol):
         return isinstance(event, Frame) or (isinstance(event, Control) and event.byte == ENQ)
 
     def exchange(self, request: Event) -> ShtrihExchange:
-        return ShtrihExchange()
+        return ShtrihExchange(request)
 
     def reject_answer(self, junk: Junk) -> bytes | None:
         return bytes((NAK,)) if junk.raw[:1] == bytes((STX,)) else None

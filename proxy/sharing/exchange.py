@@ -150,9 +150,13 @@ class ExchangeSharing:
         if framer is not None and framer.pending and now >= flight.answer.last_byte + self.protocol.partial_timeout:
             # The device went quiet inside what looked like a frame: a false start (line noise), which
             # is rescanned so that an answer behind it is found.
-            replies = flight.answer.feed(framer.flush(), flight.answer.last_byte)
+            passed, replies, dropped = flight.answer.feed(framer.flush(), flight.answer.last_byte)
             if replies:
                 await self._write_for_absent_host(flight, replies)
+            if dropped:
+                self.device.discarded(dropped, f"an earlier request (now {flight.name})")
+            if passed:
+                await self._pass_on(flight, passed)
             if self._flight is not flight:
                 return
         verdict = flight.answer.check(now)
@@ -161,8 +165,15 @@ class ExchangeSharing:
         elif verdict is Verdict.NO_ANSWER:
             self._fail(flight, ExchangeResult.TIMEOUT, "no answer within response_timeout")
         elif verdict is Verdict.EXPIRED:
-            self._fail(flight, ExchangeResult.TIMEOUT, "not complete within exchange_timeout")
-            device.reset_link(f"exchange for {flight.name} not complete within exchange_timeout")
+            # Whatever the host still owed (an ACK of the answer, a break) is played now: a reset does not
+            # clear an answer that waits in the device for its ACK, and the next client would get it.
+            replies = flight.answer.exchange.host_gone()
+            if replies:
+                await self._write_for_absent_host(flight, replies)
+            if self._flight is flight:
+                self._fail(flight, ExchangeResult.TIMEOUT, "not complete within exchange_timeout")
+                if not flight.answer.complete:
+                    device.reset_link(f"exchange for {flight.name} not complete within exchange_timeout")
         elif verdict is Verdict.LATE:
             device.set_state(State.SETTLING)
             logger.info(
@@ -244,7 +255,7 @@ class ExchangeSharing:
         device.counters.leases_granted += 1
         device.counters.lock_wait_seconds.observe(now - queued.queued_at)
         device.set_state(State.BUSY)
-        self._arm(now + config.response_timeout)
+        self._arm(flight.answer.deadline())
         try:
             await device.write(queued.request.raw, config.response_timeout, flight.name)
         except LinkLost:
@@ -281,9 +292,29 @@ class ExchangeSharing:
             return
         now = trio.current_time()
         answer = flight.answer
-        replies = answer.feed(self._framer.feed(data) if self._framer is not None else [], now)
+        if self._framer is None:
+            answer.feed([], now)
+            passed, replies, dropped = data, b"", b""
+        else:
+            # Only what can be this exchange's answer is passed on: a repeated or late answer to an
+            # earlier request is dropped here, not handed to this client.
+            passed, replies, dropped = answer.feed(self._framer.feed(data), now)
         if replies:
             await self._write_for_absent_host(flight, replies)
+        if dropped:
+            self.device.discarded(dropped, f"an earlier request (now {flight.name})")
+        if passed:
+            await self._pass_on(flight, passed)
+        if answer.complete:
+            if self._flight is flight:
+                await self._finish(flight)
+        elif answer.exchange.ends_in_silence:
+            self._arm(answer.deadline())
+        elif self._framer is not None and self._framer.pending:
+            self._arm(now + self.protocol.partial_timeout)
+
+    async def _pass_on(self, flight: Flight, data: bytes) -> None:
+        """The answer's bytes go to its client, or are dropped when it is gone (or is disconnected now)."""
         if len(flight.answer_head) < 32:
             flight.answer_head += data[: 32 - len(flight.answer_head)]
         flight.answer_size += len(data)
@@ -295,13 +326,6 @@ class ExchangeSharing:
             flight.delivering = False
         if not delivered:
             self.device.discarded(data, flight.name)
-        if answer.complete:
-            if self._flight is flight:
-                await self._finish(flight)
-        elif answer.exchange.ends_in_silence:
-            self._arm(answer.deadline())
-        elif self._framer is not None and self._framer.pending:
-            self._arm(now + self.protocol.partial_timeout)
 
     async def _write_for_absent_host(self, flight: Flight, replies: bytes) -> None:
         try:

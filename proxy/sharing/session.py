@@ -20,7 +20,7 @@ from proxy import wire
 from proxy.answers import Answer, Verdict
 from proxy.config import DeviceConfig
 from proxy.device import BROKEN, LinkLost, Refused, State
-from proxy.protocols import DeviceProtocol
+from proxy.protocols import DeviceProtocol, Event
 from proxy.protocols.raw import RawExchange
 
 if TYPE_CHECKING:
@@ -50,6 +50,11 @@ class RawTracker:
             answer.feed([], now)
         return b""
 
+    @property
+    def passes_on(self) -> bool:
+        """A raw device may speak first (a scale, a reader): its bytes always go to the client."""
+        return True
+
     def pending(self) -> Answer | None:
         answer = self._answer
         return answer if answer is not None and not answer.complete else None
@@ -74,9 +79,17 @@ class FramedTracker:
         self._host = protocol.host_framer()
         self._device = protocol.device_framer()
         self._answers: deque[Answer] = deque()
+        self._spoken = False
+
+    @property
+    def passes_on(self) -> bool:
+        """These devices never speak first: before the client has sent anything, what a device sends is
+        a late or repeated answer to someone before, not for this client."""
+        return self._spoken
 
     def client_sent(self, data: bytes, now: float) -> None:
         protocol, answers = self._protocol, self._answers
+        self._spoken = True
         for event in self._host.feed(data):
             last = answers[-1] if answers else None
             if last is not None and not last.complete and last.exchange.from_host(event):
@@ -87,15 +100,19 @@ class FramedTracker:
     def device_sent(self, data: bytes, now: float) -> bytes:
         answers = self._answers
         events = self._device.feed(data)
-        replies = b""
         if answers and not events:
             answers[0].feed([], now)  # part of a message: the answer has begun
+        return self._feed(events, now)
+
+    def _feed(self, events: list[Event], now: float) -> bytes:
+        """The device's messages to the answers owed, in order; what the proxy owes the device back."""
+        answers, replies = self._answers, b""
         for event in events:
             while answers and answers[0].complete:
                 answers.popleft()
             if not answers:
                 break
-            replies += answers[0].feed([event], now)
+            replies += answers[0].feed([event], now)[1]
         return replies
 
     def pending(self) -> Answer | None:
@@ -119,14 +136,7 @@ class FramedTracker:
         answers = self._answers
         if not self._device.pending or not answers or now < answers[0].last_byte + self._protocol.partial_timeout:
             return b""
-        replies = b""
-        for event in self._device.flush():
-            while answers and answers[0].complete:
-                answers.popleft()
-            if not answers:
-                break
-            replies += answers[0].feed([event], answers[0].last_byte)
-        return replies
+        return self._feed(self._device.flush(), answers[0].last_byte)
 
 
 Tracker = RawTracker | FramedTracker
@@ -319,7 +329,9 @@ class SessionSharing:
         replies = lease.tracker.device_sent(data, now)
         if replies:
             await self._write_for_absent_host(lease, replies)
-        if lease.client is not None:
+        if not lease.tracker.passes_on:
+            self.device.discarded(data, "earlier clients (nothing was asked yet)")
+        elif lease.client is not None:
             lease.delivering = True
             try:
                 await self._deliver(lease, data)
