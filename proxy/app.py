@@ -184,10 +184,7 @@ class Running:
     ) -> Device | None:
         """Starts a registered dial-in device, offline until it connects, with its direct port listening."""
         dialin = self.settings.dialin
-        name = record.name if record.name and record.name not in self._runs else record.id
-        if name in self._runs:
-            name = f"dialin-{record.id}"
-        config = dialin.device_config(record.id, name, record.direct_port)
+        config = dialin.device_config(record.id, self._free_name(record), record.direct_port)
         if not listeners:
             try:
                 listeners = await _bind_device(config)
@@ -197,6 +194,16 @@ class Running:
         device = await self.start_device(config, listeners, dialin)
         self._dialin_devices[record.id] = device
         return device
+
+    def _free_name(self, record: Record) -> str:
+        """The record's name, else its id, else a name no running device has (ids can clash with names)."""
+        for name in (record.name, record.id, f"dialin-{record.id}"):
+            if name and name not in self._runs:
+                return name
+        number = 2
+        while f"dialin-{record.id}-{number}" in self._runs:
+            number += 1
+        return f"dialin-{record.id}-{number}"
 
     async def _run_device(
         self, run: _DeviceRun, listeners: list[trio.SocketListener], *, task_status: trio.TaskStatus[None]

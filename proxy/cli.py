@@ -164,7 +164,8 @@ def run(path: str) -> int:
 
     async def reload(running: Running) -> None:
         try:
-            new_settings = config.load(path)
+            # Off the event loop: a slow disk must not hold the devices up.
+            new_settings = await trio.to_thread.run_sync(config.load, path)
         except ConfigError as exc:
             logger.error("SIGHUP: the new settings are not used, the running ones stay:\n{}", exc)
             return

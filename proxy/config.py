@@ -6,6 +6,7 @@ import ipaddress
 import math
 import os
 import re
+import stat
 import tomllib
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -27,6 +28,8 @@ PARITIES = ("N", "E", "O", "M", "S")
 STOPBITS = (1, 1.5, 2)
 # Unicode letters and digits ("касса-1" is a fine name), '-' and '_'.
 NAME_PATTERN = re.compile(r"[\w-]+")
+# A settings file is a few KB; one far larger is a mistake (or not a settings file at all).
+MAX_FILE_SIZE = 1024 * 1024
 # raw protocol: the longest max_message allowed (the default is the protocol's MAX_MESSAGE).
 MAX_MESSAGE_LIMIT = 16 * 1024 * 1024
 SIZE_PATTERN = re.compile(r"\d+(\.\d+)?\s*(B|KB|MB|GB|KiB|MiB|GiB)", re.IGNORECASE)
@@ -327,6 +330,13 @@ def _check_log_file(value: str) -> str:
     """A file the proxy can create or append to (missing directories are created), not a directory."""
     if not value:
         return value
+    try:
+        return _check_log_path(value)
+    except OSError as exc:
+        raise ValueError(f"{value[:80]!r} cannot be a file: {exc.strerror or exc}") from None
+
+
+def _check_log_path(value: str) -> str:
     path = Path(value)
     if path.is_dir():
         raise ValueError(f"{value!r} is a directory; give a file in it, e.g. {str(path / 'devproxy.log')!r}")
@@ -546,9 +556,17 @@ def parse(raw: dict[str, Any], source: str = "<string>") -> Settings:
 
 
 def load(path: str | Path) -> Settings:
-    """Reads and validates settings.toml; ConfigError lists every problem, including an unreadable file."""
+    """Reads and validates settings.toml; ConfigError lists every problem, including an unreadable file.
+
+    Only a regular file of at most MAX_FILE_SIZE is read: a FIFO or a device would block or never end.
+    """
     source = str(path)
     try:
+        info = os.stat(path)
+        if not stat.S_ISREG(info.st_mode):
+            raise ConfigError(source, ["is not a regular file"])
+        if info.st_size > MAX_FILE_SIZE:
+            raise ConfigError(source, [f"is {info.st_size} bytes; a settings file is at most {MAX_FILE_SIZE}"])
         text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(source, [f"cannot read the file: {exc.strerror or exc}"]) from None
@@ -558,4 +576,6 @@ def load(path: str | Path) -> Settings:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(source, [f"is not valid TOML: {exc}"]) from None
+    except RecursionError:
+        raise ConfigError(source, ["is not valid TOML: arrays or tables nested too deeply"]) from None
     return parse(raw, source)

@@ -21,9 +21,11 @@ if TYPE_CHECKING:
     from proxy.sharing import Sharing
 
 # A raw byte path passes chunks on as they come; a framed one feeds them to a framer first, and a
-# smaller read bounds how long one hostile chunk can hold the event loop (see bench/framers.py).
+# smaller read bounds how long one hostile chunk can hold the event loop (bench/framers.py: about
+# 1 MB/s on the worst input, so 16 ms for a device's chunk, 4 ms for a client's; requests are small).
 RAW_READ_SIZE = 65536
 FRAMED_READ_SIZE = 16384
+FRAMED_CLIENT_READ_SIZE = 4096
 # What a newly connected dial-in device may send before the first client takes it, kept for that client.
 HELD_LIMIT = 65536
 BROKEN = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
@@ -86,7 +88,9 @@ class Device:
         self.counters = Counters()
         self.clients = 0
         self.tracing = False
-        self.read_size = RAW_READ_SIZE if config.protocol == "raw" else FRAMED_READ_SIZE
+        framed = config.protocol != "raw"
+        self.read_size = FRAMED_READ_SIZE if framed else RAW_READ_SIZE
+        self.client_read_size = FRAMED_CLIENT_READ_SIZE if framed else RAW_READ_SIZE
         self._link: trio.abc.Stream | None = None
         self._outlet: wire.Outlet | None = None
         self._link_scope: trio.CancelScope | None = None

@@ -109,17 +109,16 @@ async def online(device: Device) -> None:
     await wait_for(device, lambda: device.state in UP_STATES)
 
 
-async def logged(text: str, log_lines: list[str]) -> None:
-    """Waits until a log line holds `text` (for what only the log tells, like the registry's failures)."""
-    if any(text in line for line in log_lines):
-        return
-    seen = trio.Event()
-    sink = logger.add(lambda message: seen.set() if text in message else None, level="DEBUG")
-    try:
-        with trio.fail_after(WAIT_LIMIT):
-            await seen.wait()
-    finally:
-        logger.remove(sink)
+async def logged(text: str, log_lines: list[str], times: int = 1) -> None:
+    """Waits until `times` log lines hold `text` (for what only the log tells, like the registry's failures)."""
+    while sum(text in line for line in log_lines) < times:
+        seen = trio.Event()
+        sink = logger.add(lambda message, seen=seen: seen.set() if text in message else None, level="DEBUG")
+        try:
+            with trio.fail_after(WAIT_LIMIT):
+                await seen.wait()
+        finally:
+            logger.remove(sink)
 
 
 class PtyDevice:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import os
 
 import pytest
 
@@ -313,3 +314,23 @@ def test_a_log_file_that_is_a_directory_or_cannot_be_created_is_refused(tmp_path
     blocker.write_text("")
     assert "cannot be created" in one_problem({"proxy": {"log_file": str(blocker / "logs" / "devproxy.log")}})
     parse({"proxy": {"log_file": str(tmp_path / "new" / "devproxy.log")}})  # missing directories are created
+
+
+def test_a_settings_path_that_is_no_regular_file_is_refused_without_reading_it(tmp_path):
+    fifo = tmp_path / "settings.toml"
+    os.mkfifo(fifo)
+    with pytest.raises(ConfigError, match="is not a regular file"):
+        load(fifo)
+    with pytest.raises(ConfigError, match="is not a regular file"):
+        load("/dev/zero")
+
+
+def test_arrays_nested_too_deeply_are_a_config_error_not_a_crash(tmp_path):
+    deep = tmp_path / "settings.toml"
+    deep.write_text("x = " + "[" * 5000 + "]" * 5000 + "\n")
+    with pytest.raises(ConfigError, match="nested too deeply"):
+        load(deep)
+
+
+def test_a_log_file_name_too_long_for_the_system_is_a_config_problem():
+    assert "cannot be a file: File name too long" in one_problem({"proxy": {"log_file": "x" * 300}})

@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 import sqlite3
 
+import httpx
 import pytest
 import trio
 
@@ -291,3 +292,22 @@ async def test_the_registry_leaves_no_shared_memory_file_beside_it(tmp_path):
         await link.aclose()
         assert not (tmp_path / "registry.sqlite3-shm").exists()
         assert not (tmp_path / "registry.sqlite3-wal").exists()
+
+
+async def test_ids_that_clash_with_names_or_hold_a_slash_stay_apart_and_reachable(tmp_path):
+    settings = parse(
+        {
+            "proxy": {"status": "127.0.0.1:0"},
+            "dialin": _raw_dialin(dialin_settings(tmp_path)),
+            "device": [{"name": "good", "type": "simulator", "protocol": "custom", "listen": ["127.0.0.1:0"]}],
+        }
+    )
+    async with running_proxy(settings) as running:
+        links = [await modem(running, identity) for identity in (b"dialin-good\n", b"good\n", b"../odd\n")]
+        devices = [await device_named(running, identity) for identity in ("dialin-good", "good", "../odd")]
+        assert len({device.name for device in devices} | {"good"}) == 4
+        async with httpx.AsyncClient() as http:
+            response = await http.get(f"http://{running.status}/api/devices/..%2Fodd")
+        assert response.status_code == 200 and response.json()["path"].startswith("127.0.0.1:")
+        for link in links:
+            await link.aclose()

@@ -6,6 +6,7 @@ client that left; no byte of one client's answer reaches another; a second devic
 
 from __future__ import annotations
 
+import contextlib
 import struct
 
 import httpx
@@ -291,3 +292,21 @@ async def test_an_atol3_reply_with_another_packets_id_is_not_passed_to_this_clie
             await device_end.send_all(stale + ATOL3_RESULT)
             assert await receive_exactly(client, len(ATOL3_RESULT)) == ATOL3_RESULT
             assert device.counters.discarded_bytes == len(stale)
+
+
+async def test_a_client_that_sends_only_garbage_is_disconnected_and_the_others_go_on(pty, log_lines):
+    device_end = pty.plug()
+    async with running_proxy(settings_for(exchange_device(pty, "custom"), OTHER)) as running:
+        device = running.devices["dev"]
+        await wait_for(device, lambda: device.state == State.IDLE)
+        async with await connect(running, "dev") as flooding, await connect(running, "dev") as driver:
+            with contextlib.suppress(trio.BrokenResourceError):
+                await flooding.send_all(b"\x01" * 200_000)  # every byte a frame start, none a frame
+            with contextlib.suppress(trio.BrokenResourceError):
+                assert set(await receive_until_closed(flooding)) <= {0x15}  # the NAKs a register would send
+            await other_device_answers(running)
+            await driver.send_all(BEEP)
+            assert await receive_exactly(device_end, 9) == BEEP
+            await device_end.send_all(BEEP_ANSWER)
+            assert await receive_exactly(driver, 9) == BEEP_ANSWER
+    assert any("bytes that are no custom request; disconnected" in line for line in log_lines)

@@ -13,7 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from proxy.device import State
 from proxy.status.snapshot import FIELDS
 
-from helpers import connect, receive_exactly, running_proxy, settings_for, wait_for
+from helpers import connect, logged, receive_exactly, receive_until_closed, running_proxy, settings_for, wait_for
 
 BEEP = bytes.fromhex("01 05 00 13 3F 42 0F 00 A8")
 BEEP_ANSWER = bytes.fromhex("06 01 04 00 13 00 00 63 7A")
@@ -182,3 +182,26 @@ async def test_a_page_that_fails_answers_500_and_the_proxy_goes_on(monkeypatch, 
         assert (await get(f"{base(running)}/")).status_code == 500
         assert (await get(f"{base(running)}/api/devices")).status_code == 200
     assert any("status: GET / failed" in line for line in log_lines)
+
+
+async def test_clients_that_never_read_their_responses_are_dropped_and_capped(monkeypatch, log_lines):
+    from proxy.status import server
+
+    monkeypatch.setattr(server, "RESPONSE_TIMEOUT", 0.2)
+    monkeypatch.setattr(server, "MAX_CONNECTIONS", 3)
+    settings = settings_for(REGISTER, status="127.0.0.1:0")
+    async with running_proxy(settings) as running:
+        greedy = []
+        for _ in range(3):
+            stream = await trio.open_tcp_stream(running.status.host, running.status.port)
+            stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            await stream.send_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n" * 200)
+            greedy.append(stream)
+        # Past the cap a new connection is closed at once ...
+        async with await trio.open_tcp_stream(running.status.host, running.status.port) as late:
+            assert await receive_until_closed(late) == b""
+        # ... and the ones that never read are dropped after RESPONSE_TIMEOUT, freeing their descriptors.
+        await logged("dropped a client that took no byte of its response", log_lines, times=len(greedy))
+        for stream in greedy:
+            await stream.aclose()
+        assert (await get(f"{base(running)}/healthz")).text == "ok\n"

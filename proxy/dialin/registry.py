@@ -256,8 +256,10 @@ class Registry:
         """
         if self._file_identity() == self._identity:
             return None
+        # The new file first: when it cannot be made, the old connection stays usable for reads.
+        new = self._open()
         self._db.close()
-        self._db = self._open()
+        self._db = new
         known = list(self.known.values())
         with self._db:
             self._db.execute("BEGIN")

@@ -38,6 +38,9 @@ if TYPE_CHECKING:
 # Requests a client may have at the device (queued or running) before the proxy stops reading from it
 # (TCP then pushes back on the client).
 QUEUED_REQUESTS = 64
+# Bytes a client may send that form no request, since its last request, before it is disconnected: no
+# driver sends that much garbage, and scanning it costs every other device time.
+JUNK_LIMIT = 65536
 PING = "ping"
 
 
@@ -452,6 +455,7 @@ class ExchangeClient:
         self.protocol = sharing.protocol
         # Requests at the device, queued or in flight; the last one submitted.
         self.outstanding = 0
+        self._junk = 0
         self._last: Queued | None = None
         self._changed: trio.Event | None = None
 
@@ -496,7 +500,7 @@ class ExchangeClient:
     async def _read_requests(self) -> str:
         device, protocol = self.device, self.protocol
         framer = protocol.host_framer(device.config.max_message)
-        receive = wire.reader(self.client.stream, device.read_size)
+        receive = wire.reader(self.client.stream, device.client_read_size)
         silence = device.config.frame_gap if protocol.request_ends_in_silence else protocol.partial_timeout
         junk_logged = False
         while True:
@@ -522,6 +526,7 @@ class ExchangeClient:
         if await sharing.from_host(self, event):
             return False
         if self.protocol.is_request(event):
+            self._junk = 0
             while self.outstanding >= QUEUED_REQUESTS:
                 await self._wait_for_change()
             self.outstanding += 1
@@ -529,6 +534,10 @@ class ExchangeClient:
             self._last = queued = Queued(self, event, trio.current_time())
             await sharing.submit(queued)
             return False
+        self._junk += len(event.raw)
+        if self._junk > JUNK_LIMIT:
+            self.client.disconnect(f"sent {self._junk} bytes that are no {self.protocol.name} request; disconnected")
+            return True
         # One line per burst of junk: a peer sending garbage must not flood the log.
         level = "DEBUG" if junk_logged else "INFO"
         logger.log(

@@ -298,7 +298,7 @@ class SessionSharing:
     async def _forward(self, lease: Lease, client: Client) -> str:
         device, tracker = self.device, lease.tracker
         stall = self.config.response_timeout
-        receive = wire.reader(client.stream, device.read_size)
+        receive = wire.reader(client.stream, device.client_read_size)
         while True:
             try:
                 data = await receive()

@@ -22,6 +22,11 @@ from proxy.status.snapshot import FIELDS, device_snapshot
 MAX_REQUEST = 16 * 1024
 # A client gets this long to send each request; a slow or stuck one is dropped, and nobody else waits.
 REQUEST_TIMEOUT = 10.0
+# A client that takes no byte of its response for this long is dropped: it must not keep a descriptor.
+RESPONSE_TIMEOUT = 10.0
+# Status clients at once (a browser or two, a scraper): more are closed at once, so that they can never
+# take the descriptors the devices need.
+MAX_CONNECTIONS = 64
 READ_SIZE = 16 * 1024
 JSON = "application/json"
 
@@ -48,6 +53,8 @@ class StatusServer:
     def __init__(self, devices: Callable[[], dict[str, tuple[Device, list]]], token: str) -> None:
         self._devices = devices
         self._token = f"Bearer {token}".encode() if token else b""
+        self._connections = 0
+        self._refusing = False
 
     async def serve(
         self, listeners: list[trio.SocketListener], *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
@@ -61,16 +68,29 @@ class StatusServer:
 
     async def _connection(self, stream: trio.SocketStream) -> None:
         async with stream:
-            connection = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST)
+            if self._connections >= MAX_CONNECTIONS:
+                if not self._refusing:
+                    logger.warning("status: {} connections open; closing new ones until some end", MAX_CONNECTIONS)
+                self._refusing = True
+                return
+            self._refusing = False
+            self._connections += 1
             try:
-                await self._requests(stream, connection)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                pass
-            except h11.LocalProtocolError as exc:
-                logger.debug("status: cannot answer a client: {}", exc)
-            except Exception:
-                # Containment: one HTTP client's trouble ends its connection, never the status server.
-                logger.exception("status: a client's connection failed")
+                await self._serve_connection(stream)
+            finally:
+                self._connections -= 1
+
+    async def _serve_connection(self, stream: trio.SocketStream) -> None:
+        connection = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST)
+        try:
+            await self._requests(stream, connection)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        except h11.LocalProtocolError as exc:
+            logger.debug("status: cannot answer a client: {}", exc)
+        except Exception:
+            # Containment: one HTTP client's trouble ends its connection, never the status server.
+            logger.exception("status: a client's connection failed")
 
     async def _requests(self, stream: trio.SocketStream, connection: h11.Connection) -> None:
         while True:
@@ -148,8 +168,12 @@ class StatusServer:
         data += connection.send(h11.Data(data=response.body)) + connection.send(h11.EndOfMessage())
         if close:
             await wire.finish(stream, data)
-        else:
+            return
+        with trio.move_on_after(RESPONSE_TIMEOUT) as timer:
             await stream.send_all(data)
+        if timer.cancelled_caught:
+            logger.debug("status: dropped a client that took no byte of its response for {:g} s", RESPONSE_TIMEOUT)
+            raise trio.BrokenResourceError("the client took no byte of its response")
 
     # -- routes ----------------------------------------------------------------------------------
 
@@ -159,7 +183,9 @@ class StatusServer:
             url = urlsplit(target)
         except ValueError as exc:
             return _error(400, f"bad request target: {exc}")
-        path = unquote(url.path)
+        # Split before decoding: a device name may hold a "/" (a dial-in id), sent as %2F.
+        parts = [unquote(part) for part in url.path.split("/")]
+        path = "/".join(parts)
         if path == "/healthz":
             return Response(200, b"ok\n", "text/plain; charset=utf-8") if method == "GET" else _not_allowed("GET")
         if self._token and not hmac.compare_digest(headers.get("authorization", "").encode(), self._token):
@@ -179,7 +205,6 @@ class StatusServer:
             if method != "GET":
                 return _not_allowed("GET")
             return _json(200, [device_snapshot(device, listen) for device, listen in devices.values()])
-        parts = path.split("/")
         if len(parts) in (4, 5) and parts[:3] == ["", "api", "devices"] and parts[3]:
             name = parts[3]
             if name not in devices:
