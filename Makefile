@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test lint bench clean
+.PHONY: install run test lint bench soak clean
 
 install: $(STAMP)
 
@@ -28,6 +28,11 @@ bench: install
 	$(BIN)/python bench/latency.py
 	$(BIN)/python bench/exchange.py
 	$(BIN)/python bench/dialin.py
+	$(BIN)/python bench/framers.py
+	$(BIN)/python bench/soak.py --quick
+
+soak: install
+	$(BIN)/python bench/soak.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info
