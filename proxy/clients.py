@@ -42,17 +42,18 @@ class Client:
         self.gone: str | None = None
 
     async def send(self, data: bytes) -> bool:
-        """Writes `data` to the client; False when it is gone, or is now disconnected because its
-        connection failed or it took no byte for client_write_timeout."""
+        """Writes `data` to the client; False when it is gone, or is gone now because its connection
+        failed or it took no byte for client_write_timeout (`gone` says which). The caller decides what
+        ends: its task (disconnect()) or only its turn at the device."""
         if self.gone is not None:
             return False
         try:
             await self.outlet.send(data, self._write_timeout)
         except trio.TooSlowError:
-            self.disconnect(f"took no byte of its answer for client_write_timeout = {self._write_timeout:g} s")
+            self.leaving(f"took no byte of its answer for client_write_timeout = {self._write_timeout:g} s")
             return False
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            self.disconnect(f"connection failed: {exc}")
+            self.leaving(f"connection failed: {exc}")
             return False
         return True
 

@@ -13,7 +13,7 @@ import httpx
 import trio
 
 from proxy.device import State
-from proxy.protocols import shtrih
+from proxy.protocols import Frame, custom, shtrih
 
 from helpers import connect, receive_exactly, receive_until_closed, running_proxy, settings_for, wait_for
 
@@ -225,3 +225,39 @@ async def _push_until_closed(stream: trio.SocketStream) -> None:
     with contextlib.suppress(trio.BrokenResourceError):
         while True:
             await stream.send_all(chunk)
+
+
+async def echoing_register(device_end, stop: trio.Event) -> None:
+    """Answers every Custom frame with ACK and a response carrying the request's data."""
+    framer = custom.Framer(from_device=False)
+    with trio.move_on_after(20):
+        while not stop.is_set():
+            for event in framer.feed(await device_end.receive_some()):
+                if isinstance(event, Frame):
+                    message = custom.decode(event.raw)
+                    await device_end.send_all(H("06") + custom.build_frame(message.command, b"\x00\x00" + message.data))
+
+
+async def test_a_client_that_stops_reading_loses_its_turn_and_the_device_settles_before_the_next(pty):
+    device_end = pty.plug()
+    settings = settings_for(serial(pty, protocol="custom", client_write_timeout=0.2), OTHER)
+    async with running_proxy(settings) as running, trio.open_nursery() as nursery:
+        device = running.devices["dev"]
+        await wait_for(device, lambda: device.state == State.IDLE)
+        stop = trio.Event()
+        nursery.start_soon(echoing_register, device_end, stop)
+        stuck = await connect(running, "dev")
+        stuck.socket.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_RCVBUF, 4096)
+        await stuck.send_all(b"".join(custom.build_frame(0x13, b"A-%04d" % n + bytes(200)) for n in range(300)))
+        async with stuck, await connect(running, "dev") as next_client:
+            request = custom.build_frame(0x13, b"B-only")
+            await next_client.send_all(request)
+            framer = custom.Framer(from_device=True)
+            frames = []
+            with trio.fail_after(20):
+                while not frames:
+                    frames = [e.raw for e in framer.feed(await next_client.receive_some()) if isinstance(e, Frame)]
+            assert [custom.decode(frame).data[2:] for frame in frames] == [b"B-only"]
+            await other_device_answers(running)
+        stop.set()
+        nursery.cancel_scope.cancel()

@@ -329,6 +329,9 @@ class ExchangeSharing:
             flight.delivering = False
         if not delivered:
             self.device.discarded(data, flight.name)
+            if client is not None:
+                # Its task reads its requests: end it; the exchange goes on to its end without it.
+                client.client.disconnect(client.client.gone or "gone")
 
     async def _write_for_absent_host(self, flight: Flight, replies: bytes) -> None:
         try:
@@ -494,8 +497,8 @@ class ExchangeClient:
         """Ends `queued` for this client, with `data` (a busy answer) and what the proxy owes it after."""
         self.done(queued)
         data += queued.then
-        if data and not self.gone:
-            await self.client.send(data)
+        if data and not self.gone and not await self.client.send(data):
+            self.client.disconnect(self.client.gone or "gone")
 
     async def _read_requests(self) -> str:
         device, protocol = self.device, self.protocol
@@ -553,6 +556,6 @@ class ExchangeClient:
         if reply:
             if self._last is not None:
                 self._last.then += reply
-            else:
-                await self.client.send(reply)
+            elif not await self.client.send(reply):
+                self.client.disconnect(self.client.gone or "gone")
         return True
