@@ -227,8 +227,11 @@ class Running:
             run.stopped.set()
 
     async def stop_device(self, name: str) -> None:
-        """Closes a device's clients, link and ports, and waits until they are all closed."""
+        """Closes a device's clients, lets the device settle, then closes its link and ports; returns
+        when they are all closed. Settling first matters when the device is restarted with new settings:
+        the answer it may still be giving would otherwise reach the new device's first client."""
         run = self._runs.pop(name)
+        await run.device.wind_down()
         run.scope.cancel()
         await run.stopped.wait()
 

@@ -407,6 +407,14 @@ class Device:
             self._pinged = quiet_since
             logger.debug("{}: silent for {:.0f} s; ping sent", self.name, silent)
 
+    async def wind_down(self) -> None:
+        """Before the device stops: its clients are disconnected, and it settles (at most
+        exchange_timeout) so that nothing it is still answering reaches whoever opens it next."""
+        self.sharing.stop()
+        with trio.move_on_after(self.config.exchange_timeout + self.config.response_timeout):
+            while self.sharing.holder is not None and self.link_up:
+                await self.changed()
+
     # -- what observers see ------------------------------------------------------------------------
 
     def _notify(self) -> None:

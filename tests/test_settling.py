@@ -12,6 +12,7 @@ import struct
 import httpx
 import trio
 
+from proxy.config import parse
 from proxy.device import State
 from proxy.protocols import Frame, custom, shtrih
 
@@ -261,3 +262,37 @@ async def test_a_client_that_stops_reading_loses_its_turn_and_the_device_settles
             await other_device_answers(running)
         stop.set()
         nursery.cancel_scope.cancel()
+
+
+async def test_a_device_changed_by_a_reload_settles_before_its_new_settings_take_over(pty):
+    device_end = pty.plug()
+    pty_path = str(pty.path)
+    async with running_proxy(settings_for(serial(pty, listen=["127.0.0.1:0"]))) as running:
+        device = running.devices["dev"]
+        await wait_for(device, lambda: device.state == State.IDLE)
+        leaving = await connect(running, "dev")
+        await leaving.send_all(b"request")
+        assert await receive_exactly(device_end, 7) == b"request"
+        reset(leaving)
+        await leaving.aclose()
+        await wait_for(device, lambda: device.state == State.SETTLING)
+        changed = parse(
+            {
+                "proxy": {"status": ""},
+                "device": [
+                    {"name": "dev", "type": "serial", "path": pty_path, "acquire_timeout": 7, "listen": ["127.0.0.1:0"]}
+                ],
+            }
+        )
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(running.reload, changed)
+            await device_end.send_all(b"answer for the one that left")
+        new_device = running.devices["dev"]
+        assert new_device is not device and new_device.config.acquire_timeout == 7
+        assert device.counters.discarded_bytes == len(b"answer for the one that left")
+        await wait_for(new_device, lambda: new_device.state == State.IDLE)
+        async with await connect(running, "dev") as next_client:
+            await next_client.send_all(b"mine")
+            assert await receive_exactly(device_end, 4) == b"mine"
+            await device_end.send_all(b"yours")
+            assert await receive_exactly(next_client, 5) == b"yours"

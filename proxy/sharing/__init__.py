@@ -50,6 +50,9 @@ class Sharing(Protocol):
     def ping(self, data: bytes, nursery: trio.Nursery) -> bool:
         """Sends a dial-in ping when nobody has the device; True when it was sent."""
 
+    def stop(self) -> None:
+        """The device is stopping: its clients are let go, no new one gets it, what it owes settles."""
+
 
 def for_device(device: Device) -> Sharing:
     """The sharing mode the device's settings name."""

@@ -98,6 +98,7 @@ class ExchangeSharing:
         self._framer = self.protocol.device_framer() if device.config.protocol != "raw" else None
         self._wake_at = math.inf
         self._clock: trio.CancelScope | None = None
+        self._stopping = False
 
     @property
     def holder(self) -> str | None:
@@ -223,6 +224,10 @@ class ExchangeSharing:
     async def submit(self, queued: Queued) -> None:
         """Queues a client's request, and starts it at once when the device is free."""
         device = self.device
+        if self._stopping:
+            if queued.client is not None:
+                queued.client.done(queued)  # the device is stopping: its client is about to be closed
+            return
         if self._flight is None and not self._queue and device.link_up:
             await self._start(queued)
             return
@@ -428,6 +433,14 @@ class ExchangeSharing:
 
     def gave_up(self) -> None:
         self._arm(trio.current_time())
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._queue.clear()
+        self.device.notify()
+        flight = self._flight
+        if flight is not None and flight.client is not None and not flight.client.gone:
+            flight.client.client.disconnect("disconnected: the device is being stopped")
 
     def disconnect_holder(self) -> str | None:
         flight = self._flight

@@ -181,6 +181,7 @@ class SessionSharing:
         self._lock = trio.Semaphore(1)
         self._lease: Lease | None = None
         self._waiting = 0
+        self._stopping = False
 
     @property
     def holder(self) -> str | None:
@@ -224,6 +225,9 @@ class SessionSharing:
             except Refused:
                 device.counters.lock_wait_seconds.observe(trio.current_time() - started)
                 raise
+        if self._stopping:
+            self._lock.release()
+            raise Refused("offline", "the device is being stopped")
         # No checkpoint from here until serve()'s try: a cancellation cannot leave the lock taken.
         lease = Lease(client.name, client, self._tracker())
         self._lease = lease
@@ -432,6 +436,11 @@ class SessionSharing:
 
     def gave_up(self) -> None:
         """Waiters see device.gave_up at their next look (device.changed() wakes them)."""
+
+    def stop(self) -> None:
+        self._stopping = True
+        if self._lease is not None and self._lease.client is not None:
+            self._lease.end("disconnected: the device is being stopped")
 
     def disconnect_holder(self) -> str | None:
         lease = self._lease
