@@ -40,6 +40,12 @@ class Answer:
         self.late = False
         self.last_byte = sent_at
 
+    def restart(self, now: float) -> None:
+        """The proxy sent the device something that calls for an answer of its own (an ENQ for a host
+        that left): the timeouts count again from now."""
+        self.sent_at = self.last_byte = now
+        self.answered = self.late = False
+
     @property
     def complete(self) -> bool:
         return self.exchange.complete

@@ -310,3 +310,78 @@ async def test_a_client_that_sends_only_garbage_is_disconnected_and_the_others_g
             await device_end.send_all(BEEP_ANSWER)
             assert await receive_exactly(driver, 9) == BEEP_ANSWER
     assert any("bytes that are no custom request; disconnected" in line for line in log_lines)
+
+
+@pytest.mark.parametrize("sharing", ["exchange", "session"])
+async def test_a_shtrih_answer_the_client_nacked_is_fetched_and_acknowledged_when_it_leaves(pty, sharing):
+    device_end = pty.plug()
+    settings = settings_for(exchange_device(pty, "shtrih", sharing=sharing), OTHER)
+    async with running_proxy(settings) as running:
+        device = running.devices["dev"]
+        await wait_for(device, lambda: device.state == State.IDLE)
+        leaving = await connect(running, "dev")
+        await leaving.send_all(SHTRIH_REQUEST)
+        assert await receive_exactly(device_end, len(SHTRIH_REQUEST)) == SHTRIH_REQUEST
+        await device_end.send_all(H("06") + SHTRIH_ANSWER)
+        assert await receive_exactly(leaving, 1 + len(SHTRIH_ANSWER)) == H("06") + SHTRIH_ANSWER
+        await leaving.send_all(H("15"))  # the driver NAKs the answer: the register keeps it for the next ENQ
+        assert await receive_exactly(device_end, 1) == H("15")
+        await leaving.aclose()
+        async with await connect(running, "dev") as next_client:
+            await next_client.send_all(H("05"))
+            # The proxy fetches the pending answer and ACKs it, so the next client's ENQ finds the register idle.
+            assert await receive_exactly(device_end, 1) == H("05")
+            await device_end.send_all(H("06") + SHTRIH_ANSWER)
+            assert await receive_exactly(device_end, 2) == H("06 05")
+            await device_end.send_all(H("15"))
+            assert await receive_exactly(next_client, 1) == H("15")
+
+
+async def test_atol2_the_proxy_acknowledges_the_devices_enq_for_a_client_that_left_in_the_devices_turn(pty):
+    device_end = pty.plug()
+    async with running_proxy(settings_for(exchange_device(pty, "atol2"), OTHER)) as running:
+        device = running.devices["dev"]
+        await wait_for(device, lambda: device.state == State.IDLE)
+        leaving = await connect(running, "dev")
+        command = atol2.build_frame(H("00 00 47"))
+        await leaving.send_all(H("05"))
+        assert await receive_exactly(device_end, 1) == H("05")
+        await device_end.send_all(H("06"))
+        await leaving.send_all(command + H("04"))
+        assert await receive_exactly(device_end, len(command) + 1) == command + H("04")
+        await device_end.send_all(H("06 05"))  # ACK of the command, then the device's turn: ENQ
+        assert await receive_exactly(leaving, 3) == H("06 06 05")
+        reset(leaving)
+        await leaving.aclose()
+        assert await receive_exactly(device_end, 1) == H("06")  # the ACK the host owed for the ENQ
+        answer = atol2.build_frame(H("55 00 47"))
+        await device_end.send_all(answer)
+        assert await receive_exactly(device_end, 1) == H("06")
+        await device_end.send_all(H("04"))
+        async with await connect(running, "dev") as next_client:
+            await next_client.send_all(H("05"))
+            assert await receive_exactly(device_end, 1) == H("05")
+            await device_end.send_all(H("06"))
+            assert await receive_exactly(next_client, 1) == H("06")
+
+
+async def test_atol2_the_answer_to_an_enq_of_a_client_that_left_at_once_is_not_passed_to_the_next(pty):
+    device_end = pty.plug()
+    async with running_proxy(settings_for(exchange_device(pty, "atol2"), OTHER)) as running:
+        device = running.devices["dev"]
+        await wait_for(device, lambda: device.state == State.IDLE)
+        leaving = await connect(running, "dev")
+        await leaving.send_all(H("05"))
+        assert await receive_exactly(device_end, 1) == H("05")
+        reset(leaving)
+        await leaving.aclose()
+        async with await connect(running, "dev") as next_client:
+            await next_client.send_all(H("05"))
+            await wait_for(device, lambda: device.waiting == 1)
+            await device_end.send_all(H("06"))  # the ACK of the first ENQ: the proxy ends that turn with EOT
+            assert await receive_exactly(device_end, 2) == H("04 05")
+            await device_end.send_all(H("06"))
+            assert await receive_exactly(next_client, 1) == H("06")
+            await next_client.send_all(H("04"))
+            assert await receive_exactly(device_end, 1) == H("04")
+            assert device.counters.discarded_bytes == 1  # the first ACK, for the client that left

@@ -98,15 +98,19 @@ class Atol2Exchange(Exchange):
     """From the host's ENQ to the device's closing EOT; every host message in between belongs to it.
 
     The host's turn is ENQ, frame, EOT; then the device's: ENQ, frame, EOT, each acknowledged by the
-    host. When the host is gone, the proxy ends the host's turn with EOT (if it was still open) and
-    acknowledges the device's ENQ and frame, so the device reaches its closing EOT.
+    host. When the host is gone, the proxy plays the rest of its part: it waits for the device's answer
+    to the ENQ, ends the host's turn with EOT, and acknowledges the device's ENQ and frame, so the
+    device reaches its closing EOT and nothing of this exchange is left for the next one.
     """
 
     def __init__(self) -> None:
         super().__init__()
-        self.answering = False
+        self.enq_answered = False
         self.command_sent = False
         self.host_done = False
+        self.answering = False
+        # The device sent its ENQ or its frame and waits for the host's ACK.
+        self.owed_ack = False
 
     def belongs(self, event: Event) -> bool:
         """The device's answer frame comes in its own turn, after the host's EOT."""
@@ -114,17 +118,24 @@ class Atol2Exchange(Exchange):
 
     def on_device(self, event: Event) -> bytes:
         if isinstance(event, Frame):
-            self.answering = True
-            return bytes((ACK,)) if self.orphaned else b""
+            self.answering = self.owed_ack = True
+            return self._acknowledge()
         if not isinstance(event, Control):
             return b""
-        if event.byte == EOT and self.answering:
+        byte = event.byte
+        if byte == EOT and self.answering:
             self.complete = True
-        elif event.byte == ENQ and self.orphaned:
-            return bytes((ACK,))
-        elif event.byte == NAK and not self.command_sent:
-            self.complete = True  # the device refused the host's ENQ: there is no exchange
-        elif event.byte == NAK and self.orphaned and not self.answering:
+        elif byte == ENQ and self.host_done:
+            self.owed_ack = True
+            return self._acknowledge()
+        elif byte in (ACK, NAK) and not self.enq_answered:
+            self.enq_answered = True
+            if byte == NAK:
+                self.complete = True  # the device refused the host's ENQ: there is no exchange
+            elif self.orphaned and not self.command_sent:
+                self.complete = True  # the host left before its command: end its turn now
+                return bytes((EOT,))
+        elif byte == NAK and self.orphaned and not self.answering:
             # The device wants the command again, and nobody is there to send it: end the host's turn.
             self.complete = True
             return bytes((EOT,))
@@ -135,16 +146,31 @@ class Atol2Exchange(Exchange):
             self.command_sent = True
         elif isinstance(event, Control) and event.byte == EOT:
             self.host_done = True
+        elif isinstance(event, Control) and event.byte in (ACK, NAK):
+            self.owed_ack = False
         return True
 
     def host_gone(self) -> bytes:
-        self.orphaned = True
-        if self.host_done or self.answering:
+        if self.orphaned:
             return b""
-        self.host_done = True
-        if not self.command_sent:
-            self.complete = True  # no command was sent: nothing will be answered
-        return bytes((EOT,))
+        self.orphaned = True
+        if self.owed_ack:
+            return self._acknowledge()
+        if self.host_done:
+            return b""
+        if self.command_sent:
+            self.host_done = True
+            return bytes((EOT,))
+        if self.enq_answered:
+            self.complete = True
+            return bytes((EOT,))
+        return b""  # the device has not answered the ENQ yet: its answer is awaited (on_device)
+
+    def _acknowledge(self) -> bytes:
+        if not self.orphaned or not self.owed_ack:
+            return b""
+        self.owed_ack = False
+        return bytes((ACK,))
 
 
 class Atol2Protocol(DeviceProtocol):

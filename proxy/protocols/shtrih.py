@@ -73,11 +73,13 @@ class Framer(ScanningFramer):
 
 
 class ShtrihExchange(Exchange):
-    """ENQ or a frame, the device's ACK/NAK, its response frame, and the host's ACK/NAK of it.
+    """ENQ or a frame, the device's ACK/NAK, its response frame, and the host's ACK of it.
 
     An ENQ from the host mid-exchange (its answer timeout fired) goes to the device, which answers ACK
-    while it prepares the answer or sends the pending one. When the host is gone, the proxy ACKs the
-    response frame in its place, as a driver would.
+    while it prepares the answer or sends the pending one. A host NAK of the response leaves the answer
+    pending in the register until the host's next ENQ, so the exchange goes on until an ACK. When the
+    host is gone, the proxy ACKs the response in its place, as a driver would, fetching it first with
+    ENQ if the host had NAKed it: an answer left pending would go to whoever sends ENQ next.
     """
 
     def __init__(self, request: Event) -> None:
@@ -86,6 +88,7 @@ class ShtrihExchange(Exchange):
         # The response repeats the command; an ENQ's answer may be any pending one.
         self._command = request.raw[2:3] if isinstance(request, Frame) and request.raw[2:3] != b"\xff" else b""
         self._acked = False
+        self._refused_by_host = False
 
     def belongs(self, event: Event) -> bool:
         """A frame answers this request only after the register's ACK, and repeats its command."""
@@ -101,6 +104,7 @@ class ShtrihExchange(Exchange):
             self.complete = True
         elif isinstance(event, Frame):
             self.answer_pending = True
+            self._refused_by_host = False
             if self.orphaned:
                 self.complete = True
                 return bytes((ACK,))
@@ -109,13 +113,20 @@ class ShtrihExchange(Exchange):
     def from_host(self, event: Event) -> bool:
         if not isinstance(event, Control):
             return False
-        if self.answer_pending and event.byte in (ACK, NAK):
+        if self.answer_pending and event.byte == ACK:
             self.complete = True
+            return True
+        if self.answer_pending and event.byte == NAK:
+            self._refused_by_host = True
             return True
         return event.byte == ENQ
 
     def host_gone(self) -> bytes:
+        if self.orphaned:
+            return b""
         self.orphaned = True
+        if self._refused_by_host:
+            return bytes((ENQ,))  # the register answers with the pending response, which is then ACKed
         if self.answer_pending:
             self.complete = True
             return bytes((ACK,))

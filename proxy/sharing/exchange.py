@@ -171,13 +171,24 @@ class ExchangeSharing:
         elif verdict is Verdict.EXPIRED:
             # Whatever the host still owed (an ACK of the answer, a break) is played now: a reset does not
             # clear an answer that waits in the device for its ACK, and the next client would get it.
-            replies = flight.answer.exchange.host_gone()
+            exchange = flight.answer.exchange
+            was_orphaned = exchange.orphaned
+            replies = exchange.host_gone()
             if replies:
                 await self._write_for_absent_host(flight, replies)
-            if self._flight is flight:
-                self._fail(flight, ExchangeResult.TIMEOUT, "not complete within exchange_timeout")
-                if not flight.answer.complete:
-                    device.reset_link(f"exchange for {flight.name} not complete within exchange_timeout")
+            if self._flight is not flight:
+                return
+            if replies and not exchange.complete and not was_orphaned:
+                # What was played calls for an answer (an ENQ fetching a pending response): the client,
+                # holding half an exchange, is let go, and the device gets its time once more.
+                if flight.client is not None and not flight.client.gone:
+                    flight.client.client.disconnect("disconnected: not complete within exchange_timeout")
+                flight.answer.restart(now)
+                self._arm(flight.answer.deadline())
+                return
+            self._fail(flight, ExchangeResult.TIMEOUT, "not complete within exchange_timeout")
+            if not exchange.complete:
+                device.reset_link(f"exchange for {flight.name} not complete within exchange_timeout")
         elif verdict is Verdict.LATE:
             device.set_state(State.SETTLING)
             logger.info(
@@ -264,6 +275,8 @@ class ExchangeSharing:
         device.counters.lock_wait_seconds.observe(now - queued.queued_at)
         device.set_state(State.BUSY)
         self._arm(flight.answer.deadline())
+        if queued.client is not None and queued.client.done_sending:
+            flight.orphan_pending = True  # its client can send no part of the exchange any more
         try:
             await device.write(queued.request.raw, config.response_timeout, flight.name)
         except LinkLost:
@@ -352,7 +365,7 @@ class ExchangeSharing:
         client, answer = flight.client, flight.answer
         if client is None:
             result = None
-        elif client.gone or flight.orphan_pending or answer.exchange.orphaned:
+        elif client.gone:
             result = ExchangeResult.CLIENT_GONE
         else:
             result = ExchangeResult.LATE if answer.late else ExchangeResult.OK
@@ -396,6 +409,8 @@ class ExchangeSharing:
         replies = exchange.host_gone()
         if replies:
             await self._write_for_absent_host(flight, replies)
+            # The device answers what was played for the host in its own time (an ENQ, a C2, an EOT).
+            flight.answer.restart(trio.current_time())
         if self._flight is not flight:
             return
         if exchange.complete:
@@ -409,6 +424,14 @@ class ExchangeSharing:
             flight.name,
             self.config.exchange_timeout,
         )
+
+    def client_stopped_sending(self, client: ExchangeClient) -> None:
+        """`client` closed its sending side: it still gets its answers, but its part of an exchange (an
+        ACK of the answer, a break) can no longer come, so the proxy plays it, as for a client that left."""
+        flight = self._flight
+        if flight is not None and flight.client is client and not flight.answer.complete:
+            flight.orphan_pending = True
+            self._arm(trio.current_time())
 
     def client_left(self, client: ExchangeClient) -> None:
         """`client` is gone: its queued requests are dropped, its request in flight settles without it."""
@@ -472,6 +495,8 @@ class ExchangeClient:
         # Requests at the device, queued or in flight; the last one submitted.
         self.outstanding = 0
         self._junk = 0
+        # It closed its sending side: its requests still run, with the host's part played by the proxy.
+        self.done_sending = False
         self._last: Queued | None = None
         self._changed: trio.Event | None = None
 
@@ -486,6 +511,8 @@ class ExchangeClient:
             why = await self._read_requests()
             if why == "closed the connection":
                 # It only closed its sending side: it still gets the answers to what it asked.
+                self.done_sending = True
+                self.sharing.client_stopped_sending(self)
                 while self.outstanding and not self.gone:
                     await self._wait_for_change()
             return why

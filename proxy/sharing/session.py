@@ -375,6 +375,8 @@ class SessionSharing:
         replies = tracker.host_gone()
         if replies:
             await self._write_for_absent_host(lease, replies)
+            if (owed := tracker.pending()) is not None:
+                owed.restart(trio.current_time())  # the device answers what was played for the host
         if tracker.pending() is None or not device.link_up:
             return
         if not delivering:
