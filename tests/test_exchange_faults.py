@@ -385,3 +385,39 @@ async def test_atol2_the_answer_to_an_enq_of_a_client_that_left_at_once_is_not_p
             await next_client.send_all(H("04"))
             assert await receive_exactly(device_end, 1) == H("04")
             assert device.counters.discarded_bytes == 1  # the first ACK, for the client that left
+
+
+async def test_session_a_repeated_answer_after_the_new_client_asked_is_not_passed_to_it(pty):
+    device_end = pty.plug()
+    settings = settings_for(exchange_device(pty, "custom", sharing="session"), OTHER)
+    first_request, second_request = build_frame(0x13, b"first"), build_frame(0x13, b"second")
+    first_answer = H("06") + build_frame(0x13, b"\x00\x00first")
+    second_answer = H("06") + build_frame(0x13, b"\x00\x00second")
+    async with running_proxy(settings) as running:
+        device = running.devices["dev"]
+        await wait_for(device, lambda: device.state == State.IDLE)
+        async with await connect(running, "dev") as first:
+            await first.send_all(first_request)
+            assert await receive_exactly(device_end, len(first_request)) == first_request
+            await device_end.send_all(first_answer)
+            assert await receive_exactly(first, len(first_answer)) == first_answer
+        async with await connect(running, "dev") as second:
+            await second.send_all(second_request)
+            assert await receive_exactly(device_end, len(second_request)) == second_request
+            await device_end.send_all(first_answer[1:] + second_answer)
+            assert await receive_exactly(second, len(second_answer)) == second_answer
+        assert device.counters.discarded_bytes == len(first_answer) - 1
+
+
+async def test_session_line_noise_that_looks_like_a_frame_start_is_given_up_and_the_answer_passes(pty):
+    device_end = pty.plug()
+    async with running_proxy(settings_for(exchange_device(pty, "custom", sharing="session"), OTHER)) as running:
+        device = running.devices["dev"]
+        await wait_for(device, lambda: device.state == State.IDLE)
+        async with await connect(running, "dev") as client:
+            await client.send_all(BEEP)
+            assert await receive_exactly(device_end, 9) == BEEP
+            noisy = H("01 ff 0f") + BEEP_ANSWER
+            await device_end.send_all(noisy)
+            # Held as the start of a 4 KiB frame until device_partial_timeout of silence; then rescanned.
+            assert await receive_exactly(client, len(noisy)) == noisy

@@ -122,6 +122,9 @@ class DeviceProtocol:
     host_speaks_during_exchange = False
     # Seconds without a byte after which a client's partial message is abandoned and rescanned.
     partial_timeout = 0.5
+    # The same for the device's side: longer, since a device may pause inside an answer (IEC 62056-21
+    # allows 1.5 s between characters), and giving up a real frame would lose the answer.
+    device_partial_timeout = 2.0
 
     def host_framer(self, max_message: int = MAX_MESSAGE) -> Framer:
         """A framer for the client's side of the link; `max_message` bounds a raw message (a framed

@@ -19,7 +19,8 @@ ASYNC_ID = 0xF0
 HOST_IDS = 0xE0
 MAX_DATA = 0x3FFF
 ADD, ACK_RESULT, REQUEST, ABORT, ACK_ADD = 0xC1, 0xC2, 0xC3, 0xC4, 0xC5
-FINAL_RESULTS = (0xA3, 0xA4, 0xA6, 0xA7)
+RESULT = 0xA3
+FINAL_RESULTS = (RESULT, 0xA4, 0xA6, 0xA7)
 PENDING = 0xA1
 ASYNC_FLAG = 0x04
 
@@ -142,10 +143,14 @@ class Atol3Exchange(Exchange):
         """A packet answers this exchange when it carries its ID (or is the awaited async result)."""
         if not isinstance(event, Frame) or len(event.raw) < 5:
             return True
-        packet_id = event.raw[3]
+        packet_id, data = event.raw[3], _unescape(event.raw[4:])
         if packet_id == ASYNC_ID:
-            return self.waits_async and _unescape(event.raw[4:])[1:2] == bytes((self.task_id,))
-        return packet_id == self.packet_id
+            return self.waits_async and data[1:2] == bytes((self.task_id,))
+        if packet_id != self.packet_id:
+            return False
+        # Every client numbers its packets from 0, so an ID alone can match a stale answer to another
+        # client: a result names its task, which must be this one's.
+        return data[:1] != bytes((RESULT,)) or self.task_id < 0 or data[1:2] == bytes((self.task_id,))
 
     def on_device(self, event: Event) -> bytes:
         if not isinstance(event, Frame) or len(event.raw) < 5:

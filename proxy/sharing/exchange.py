@@ -140,7 +140,7 @@ class ExchangeSharing:
         if self._flight is not None:
             self._arm(self._flight.answer.deadline())
             if self._framer is not None and self._framer.pending:
-                self._arm(self._flight.answer.last_byte + self.protocol.partial_timeout)
+                self._arm(self._flight.answer.last_byte + self.protocol.device_partial_timeout)
         if self._queue:
             self._arm(self._queue[0].queued_at + self.config.acquire_timeout)
 
@@ -151,7 +151,11 @@ class ExchangeSharing:
             flight.answer.last_byte = now
             return
         framer = self._framer
-        if framer is not None and framer.pending and now >= flight.answer.last_byte + self.protocol.partial_timeout:
+        if (
+            framer is not None
+            and framer.pending
+            and now >= flight.answer.last_byte + self.protocol.device_partial_timeout
+        ):
             # The device went quiet inside what looked like a frame: a false start (line noise), which
             # is rescanned so that an answer behind it is found.
             passed, replies, dropped = flight.answer.feed(framer.flush(), flight.answer.last_byte)
@@ -332,7 +336,7 @@ class ExchangeSharing:
         elif answer.exchange.ends_in_silence:
             self._arm(answer.deadline())
         elif self._framer is not None and self._framer.pending:
-            self._arm(now + self.protocol.partial_timeout)
+            self._arm(now + self.protocol.device_partial_timeout)
 
     async def _pass_on(self, flight: Flight, data: bytes) -> None:
         """The answer's bytes go to its client, or are dropped when it is gone (or is disconnected now)."""

@@ -10,6 +10,7 @@ frame_gap of silence after it began, or response_timeout with no byte), within e
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from typing import TYPE_CHECKING
 
@@ -30,8 +31,17 @@ if TYPE_CHECKING:
 CLOSED = "closed the connection"
 
 
+# What the device sent, sorted: (to pass on to the client, the host's part the proxy plays, to drop).
+Sorted = tuple[bytes, bytes, bytes]
+
+
 class RawTracker:
-    """What a raw device may still owe: the answer to the client's last bytes (raw has no frames)."""
+    """What a raw device may still owe: the answer to the client's last bytes (raw has no frames).
+
+    A raw device may speak first (a scale, a reader): all it sends goes to the client as it comes.
+    """
+
+    holds_partial = False
 
     def __init__(self, config: DeviceConfig) -> None:
         self._config = config
@@ -44,16 +54,11 @@ class RawTracker:
         else:
             answer.sent_at = now
 
-    def device_sent(self, data: bytes, now: float) -> bytes:
+    def device_sent(self, data: bytes, now: float) -> Sorted:
         answer = self._answer
         if answer is not None and not answer.complete:
             answer.feed([], now)
-        return b""
-
-    @property
-    def passes_on(self) -> bool:
-        """A raw device may speak first (a scale, a reader): its bytes always go to the client."""
-        return True
+        return data, b"", b""
 
     def pending(self) -> Answer | None:
         answer = self._answer
@@ -65,13 +70,22 @@ class RawTracker:
     def next_look(self, answer: Answer) -> float:
         return answer.deadline()
 
-    def flush_if_quiet(self, now: float) -> bytes:
-        return b""
+    def quiet_deadline(self) -> float:
+        return math.inf
+
+    def flush_if_quiet(self, now: float) -> Sorted:
+        return b"", b"", b""
 
 
 class FramedTracker:
     """What a device that speaks a protocol may still owe: the answers to the client's requests, found by
-    the protocol's framers on both sides, in order."""
+    the protocol's framers on both sides, in order.
+
+    Only what can be an answer is passed on: a message the protocol says belongs to another request (a
+    repeated or late answer) is dropped, and so is all the device sends before the client has sent
+    anything, since these devices never speak first. A message with no answer owed, after the client
+    spoke, is passed on as it would be on a direct line.
+    """
 
     def __init__(self, protocol: DeviceProtocol, config: DeviceConfig) -> None:
         self._protocol = protocol
@@ -80,12 +94,12 @@ class FramedTracker:
         self._device = protocol.device_framer()
         self._answers: deque[Answer] = deque()
         self._spoken = False
+        self._last_byte = 0.0
 
     @property
-    def passes_on(self) -> bool:
-        """These devices never speak first: before the client has sent anything, what a device sends is
-        a late or repeated answer to someone before, not for this client."""
-        return self._spoken
+    def holds_partial(self) -> bool:
+        """Part of a message from the device is held until it is whole (or found to be line noise)."""
+        return self._device.pending > 0
 
     def client_sent(self, data: bytes, now: float) -> None:
         protocol, answers = self._protocol, self._answers
@@ -97,23 +111,28 @@ class FramedTracker:
             if protocol.is_request(event):
                 answers.append(Answer(protocol.exchange(event), self._config, now))
 
-    def device_sent(self, data: bytes, now: float) -> bytes:
-        answers = self._answers
+    def device_sent(self, data: bytes, now: float) -> Sorted:
+        self._last_byte = now
         events = self._device.feed(data)
-        if answers and not events:
-            answers[0].feed([], now)  # part of a message: the answer has begun
-        return self._feed(events, now)
+        if self._answers and not events:
+            self._answers[0].feed([], now)  # part of a message: the answer has begun
+        return self._sort(events, now)
 
-    def _feed(self, events: list[Event], now: float) -> bytes:
-        """The device's messages to the answers owed, in order; what the proxy owes the device back."""
-        answers, replies = self._answers, b""
+    def _sort(self, events: list[Event], now: float) -> Sorted:
+        """The device's messages to the answers owed, in order."""
+        answers = self._answers
+        passed, replies, dropped = [], [], []
         for event in events:
             while answers and answers[0].complete:
                 answers.popleft()
-            if not answers:
-                break
-            replies += answers[0].feed([event], now)[1]
-        return replies
+            if answers:
+                to_pass, to_play, to_drop = answers[0].feed([event], now)
+                passed.append(to_pass)
+                replies.append(to_play)
+                dropped.append(to_drop)
+            else:
+                (passed if self._spoken else dropped).append(event.raw)
+        return b"".join(passed), b"".join(replies), b"".join(dropped)
 
     def pending(self) -> Answer | None:
         answers = self._answers
@@ -124,19 +143,20 @@ class FramedTracker:
     def host_gone(self) -> bytes:
         return b"".join(answer.exchange.host_gone() for answer in self._answers if not answer.complete)
 
+    def quiet_deadline(self) -> float:
+        """When a partial message held since the device's last byte is taken for line noise."""
+        return self._last_byte + self._protocol.device_partial_timeout if self.holds_partial else math.inf
+
     def next_look(self, answer: Answer) -> float:
         """When settling must look again: the answer's deadline, or the end of a false start's grace."""
-        if self._device.pending:
-            return min(answer.deadline(), answer.last_byte + self._protocol.partial_timeout)
-        return answer.deadline()
+        return min(answer.deadline(), self.quiet_deadline())
 
-    def flush_if_quiet(self, now: float) -> bytes:
-        """The device went quiet inside what looked like a frame: a false start, rescanned so that an
-        answer behind it is found. Returns what the proxy owes the device for an absent host."""
-        answers = self._answers
-        if not self._device.pending or not answers or now < answers[0].last_byte + self._protocol.partial_timeout:
-            return b""
-        return self._feed(self._device.flush(), answers[0].last_byte)
+    def flush_if_quiet(self, now: float) -> Sorted:
+        """The device went quiet inside what looked like a message: a false start, rescanned so that an
+        answer behind it is found."""
+        if now < self.quiet_deadline():
+            return b"", b"", b""
+        return self._sort(self._device.flush(), self._last_byte)
 
 
 Tracker = RawTracker | FramedTracker
@@ -160,6 +180,8 @@ class Lease:
         self.last_activity = trio.current_time()
         # Set at each chunk from the device while the lease settles.
         self.woken: trio.Event | None = None
+        # Set when the device's side holds part of a message, for the task that gives up line noise.
+        self.partial: trio.Event | None = None
 
     def end(self, reason: str) -> None:
         """Ends the client's turn for `reason` (the first reason given is kept); the device then settles."""
@@ -289,15 +311,32 @@ class SessionSharing:
     async def _pump(self, lease: Lease, client: Client) -> str:
         """Client -> device until the client closes; returns how the turn ended."""
         idle_timeout = self.config.idle_timeout
-        if not idle_timeout:
+        framed = isinstance(lease.tracker, FramedTracker)
+        if not idle_timeout and not framed:
             return await self._forward(lease, client)
-        # Containment: both tasks are this client's; what fails here ends this client's turn
+        # Containment: these tasks are this client's; what fails here ends this client's turn
         # (handle_client logs it) and the device settles as after any other end.
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_end_when_idle, lease, idle_timeout)
+            if idle_timeout:
+                nursery.start_soon(_end_when_idle, lease, idle_timeout)
+            if framed:
+                nursery.start_soon(self._give_up_line_noise, lease)
             why = await self._forward(lease, client)
             nursery.cancel_scope.cancel()
         return why
+
+    async def _give_up_line_noise(self, lease: Lease) -> None:
+        """While the client holds the device: a partial message from the device that stays partial past
+        the protocol's device_partial_timeout is line noise; it is rescanned, so that what follows it
+        reaches the client."""
+        tracker = lease.tracker
+        while True:
+            if not tracker.holds_partial:
+                lease.partial = trio.Event()
+                await lease.partial.wait()
+                continue
+            await trio.sleep_until(tracker.quiet_deadline())
+            await self._pass_on(lease, tracker.flush_if_quiet(trio.current_time()))
 
     async def _forward(self, lease: Lease, client: Client) -> str:
         device, tracker = self.device, lease.tracker
@@ -330,21 +369,29 @@ class SessionSharing:
             return
         now = trio.current_time()
         lease.last_activity = now
-        replies = lease.tracker.device_sent(data, now)
-        if replies:
-            await self._write_for_absent_host(lease, replies)
-        if not lease.tracker.passes_on:
-            self.device.discarded(data, "earlier clients (nothing was asked yet)")
-        elif lease.client is not None:
-            lease.delivering = True
-            try:
-                await self._deliver(lease, data)
-            finally:
-                lease.delivering = False
-        else:
-            self.device.discarded(data, lease.name)
+        await self._pass_on(lease, lease.tracker.device_sent(data, now))
+        if lease.partial is not None and lease.tracker.holds_partial:
+            lease.partial.set()
         if lease.woken is not None:
             lease.woken.set()
+
+    async def _pass_on(self, lease: Lease, sorted_bytes: Sorted) -> None:
+        """What the device sent, sorted by the tracker: the host's part played, the rest passed or dropped."""
+        passed, replies, dropped = sorted_bytes
+        if replies:
+            await self._write_for_absent_host(lease, replies)
+        if dropped:
+            self.device.discarded(dropped, "an earlier client")
+        if not passed:
+            return
+        if lease.client is None:
+            self.device.discarded(passed, lease.name)
+            return
+        lease.delivering = True
+        try:
+            await self._deliver(lease, passed)
+        finally:
+            lease.delivering = False
 
     async def _deliver(self, lease: Lease, data: bytes) -> None:
         client = lease.client
@@ -394,9 +441,9 @@ class SessionSharing:
             now = trio.current_time()
             if lease.delivering:
                 answer.last_byte = now  # the reader is held by the client: no silence can be seen
-            replies = tracker.flush_if_quiet(now)
-            if replies:
-                await self._write_for_absent_host(lease, replies)
+            flushed = tracker.flush_if_quiet(now)
+            if any(flushed):
+                await self._pass_on(lease, flushed)
                 continue
             verdict = answer.check(now)
             if verdict in (Verdict.WAIT, Verdict.LATE):
