@@ -62,7 +62,7 @@ class Answer:
             if exchange.complete or not exchange.belongs(event):
                 dropped.append(event.raw)
                 continue
-            passed.append(event.raw)
+            passed.append(exchange.client_bytes(event))
             replies += exchange.on_device(event)
         if passed or not events:
             self.answered = True

@@ -54,10 +54,8 @@ def exchange_device(pty, protocol: str, **keys) -> dict:
 
 SHTRIH_REQUEST = shtrih.build_frame(shtrih.SHORT_STATUS, struct.pack("<I", 30))
 SHTRIH_ANSWER = shtrih.build_frame(shtrih.SHORT_STATUS, bytes(16))
-ATOL3_TASK = atol3.build_packet(7, bytes((atol3.ADD, 0x01, 5, 0, 0, 0x47)))
-ATOL3_RESULT = atol3.build_packet(7, bytes((0xA3, 5, 0x55, 0, 0x47)))
-ATOL3_C2 = atol3.build_packet(8, bytes((atol3.ACK_RESULT, 5)))
-ATOL3_C2_REPLY = atol3.build_packet(8, bytes((atol3.PENDING,)))
+ATOL3_TASK_DATA = bytes((atol3.ADD, 0x01, 5, 0, 0, 0x47))
+ATOL3_RESULT_DATA = bytes((0xA3, 5, 0x55, 0, 0x47))
 IEC_SIGN_ON = b"/?!\r\n"
 IEC_IDENT = b"/EKT5CE301v12\r\n"
 
@@ -65,7 +63,6 @@ IEC_IDENT = b"/EKT5CE301v12\r\n"
 # sends for the client as the host would, what the device answers that; None when it answers nothing)
 ORPHANS = {
     "shtrih": (SHTRIH_REQUEST, H("06") + SHTRIH_ANSWER, H("06"), None),
-    "atol3": (ATOL3_TASK, ATOL3_RESULT, ATOL3_C2, ATOL3_C2_REPLY),
     "iec61107": (IEC_SIGN_ON, IEC_IDENT, iec61107.command("B0"), None),
 }
 
@@ -280,18 +277,55 @@ async def test_session_what_a_device_sends_before_the_new_client_speaks_is_not_f
             assert await receive_exactly(second, 9) == BEEP_ANSWER
 
 
-async def test_an_atol3_reply_with_another_packets_id_is_not_passed_to_this_client(pty):
+async def test_atol3_packets_are_renumbered_per_device_so_a_stale_reply_cannot_match(pty):
     device_end = pty.plug()
     async with running_proxy(settings_for(exchange_device(pty, "atol3"), OTHER)) as running:
         device = running.devices["dev"]
         await wait_for(device, lambda: device.state == State.IDLE)
-        async with await connect(running, "dev") as client:
-            await client.send_all(ATOL3_TASK)
-            assert await receive_exactly(device_end, len(ATOL3_TASK)) == ATOL3_TASK
-            stale = atol3.build_packet(3, bytes((0xA3, 9, 0x55, 0, 0x47)))
-            await device_end.send_all(stale + ATOL3_RESULT)
-            assert await receive_exactly(client, len(ATOL3_RESULT)) == ATOL3_RESULT
+        async with await connect(running, "dev") as first, await connect(running, "dev") as second:
+            # Both clients number their packets from 0, as drivers do.
+            await first.send_all(atol3.build_packet(0, ATOL3_TASK_DATA))
+            sent = atol3.build_packet(2, ATOL3_TASK_DATA)  # the device sees the proxy's numbering
+            assert await receive_exactly(device_end, len(sent)) == sent
+            await device_end.send_all(atol3.build_packet(2, ATOL3_RESULT_DATA))
+            result = atol3.build_packet(0, ATOL3_RESULT_DATA)  # the client sees its own
+            assert await receive_exactly(first, len(result)) == result
+            await first.send_all(atol3.build_packet(1, bytes((atol3.ACK_RESULT, 5))))
+            c2 = atol3.build_packet(3, bytes((atol3.ACK_RESULT, 5)))
+            assert await receive_exactly(device_end, len(c2)) == c2
+            await device_end.send_all(atol3.build_packet(3, bytes((atol3.PENDING,))))
+            assert await receive_exactly(first, 6) == atol3.build_packet(1, bytes((atol3.PENDING,)))
+            await second.send_all(atol3.build_packet(0, ATOL3_TASK_DATA))
+            sent = atol3.build_packet(4, ATOL3_TASK_DATA)
+            assert await receive_exactly(device_end, len(sent)) == sent
+            # The device repeats the first client's result: ID 2 is not this exchange's, so it is dropped.
+            stale = atol3.build_packet(2, ATOL3_RESULT_DATA)
+            await device_end.send_all(stale + atol3.build_packet(4, ATOL3_RESULT_DATA))
+            assert await receive_exactly(second, len(result)) == result
             assert device.counters.discarded_bytes == len(stale)
+
+
+async def test_atol3_the_proxy_sends_the_c2_a_final_result_needs_for_a_client_that_left(pty):
+    device_end = pty.plug()
+    async with running_proxy(settings_for(exchange_device(pty, "atol3"), OTHER)) as running:
+        device = running.devices["dev"]
+        await wait_for(device, lambda: device.state == State.IDLE)
+        leaving = await connect(running, "dev")
+        async with await connect(running, "dev") as staying:
+            await leaving.send_all(atol3.build_packet(0, ATOL3_TASK_DATA))
+            sent = atol3.build_packet(2, ATOL3_TASK_DATA)
+            assert await receive_exactly(device_end, len(sent)) == sent
+            reset(leaving)
+            await leaving.aclose()
+            await wait_for(device, lambda: device.state == State.SETTLING)
+            await staying.send_all(atol3.build_packet(0, ATOL3_TASK_DATA))
+            await device_end.send_all(atol3.build_packet(2, ATOL3_RESULT_DATA))
+            c2 = atol3.build_packet(3, bytes((atol3.ACK_RESULT, 5)))
+            assert await receive_exactly(device_end, len(c2)) == c2
+            await device_end.send_all(atol3.build_packet(3, bytes((atol3.PENDING,))))
+            sent = atol3.build_packet(4, ATOL3_TASK_DATA)
+            assert await receive_exactly(device_end, len(sent)) == sent
+            await other_device_answers(running)
 
 
 async def test_a_client_that_sends_only_garbage_is_disconnected_and_the_others_go_on(pty, log_lines):

@@ -106,6 +106,22 @@ class Exchange:
         self.orphaned = True
         return b""
 
+    # Exchange sharing only: a protocol whose packets carry a host-chosen number (ATOL v3) renumbers
+    # them per device, since every client counts from 0 and a stale answer could carry the very number
+    # the next client waits for. The defaults pass every byte unchanged.
+
+    def request_bytes(self, request: bytes, number: int) -> bytes:
+        """The request as it is written to the device; `number` counts the device's requests."""
+        return request
+
+    def host_bytes(self, event: Event) -> bytes:
+        """A client message that belongs to the exchange, as it is written to the device."""
+        return event.raw
+
+    def client_bytes(self, event: Event) -> bytes:
+        """A device message of this exchange, as it is passed to the client."""
+        return event.raw
+
 
 class DeviceProtocol:
     """What the proxy needs of a protocol to share a device request by request; the defaults suit most.

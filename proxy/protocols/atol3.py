@@ -138,6 +138,36 @@ class Atol3Exchange(Exchange):
         self.task_id = data[2] if len(data) >= 3 else (data[1] if len(data) == 2 else -1)
         self.awaiting_ack = False
         self.ack_sent = False
+        # Packet IDs as the device sees them -> as the client sent them (renumbered in exchange sharing).
+        self._client_ids: dict[int, int] = {}
+
+    def request_bytes(self, request: bytes, number: int) -> bytes:
+        self.packet_id = number % HOST_IDS
+        return self._renumber(request, self.packet_id)
+
+    def host_bytes(self, event: Event) -> bytes:
+        """The host's C2 goes under the number after the request's (from_host moved packet_id there)."""
+        if not self._client_ids or not isinstance(event, Frame):
+            return event.raw
+        return self._renumber(event.raw, self.packet_id)
+
+    def client_bytes(self, event: Event) -> bytes:
+        if not isinstance(event, Frame) or len(event.raw) < 5 or event.raw[3] not in self._client_ids:
+            return event.raw
+        try:
+            packet_id, data = decode(event.raw)
+        except ProtocolError:
+            return event.raw  # not a packet we can rebuild: the client's own driver finds it bad
+        return build_packet(self._client_ids[packet_id], data)
+
+    def _renumber(self, packet: bytes, number: int) -> bytes:
+        """`packet` with ID `number`, remembering the client's ID to give the reply back under."""
+        try:
+            client_id, data = decode(packet)
+        except ProtocolError:
+            return packet
+        self._client_ids[number] = client_id
+        return build_packet(number, data)
 
     def belongs(self, event: Event) -> bool:
         """A packet answers this exchange when it carries its ID (or is the awaited async result)."""
@@ -176,7 +206,8 @@ class Atol3Exchange(Exchange):
         if self.awaiting_ack and isinstance(event, Frame) and len(event.raw) > 4:
             data = _unescape(event.raw[4:])
             if data[:1] in (bytes((ACK_RESULT,)), bytes((ACK_ADD,))):
-                self.packet_id = event.raw[3]
+                # Renumbered, the C2 goes with the next number after the request's (host_bytes).
+                self.packet_id = (self.packet_id + 1) % HOST_IDS if self._client_ids else event.raw[3]
                 self.ack_sent = True
                 return True
         return False

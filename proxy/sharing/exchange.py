@@ -99,6 +99,8 @@ class ExchangeSharing:
         self._wake_at = math.inf
         self._clock: trio.CancelScope | None = None
         self._stopping = False
+        # Counts the requests written, for protocols that renumber their packets (Exchange.request_bytes).
+        self._written = 0
 
     @property
     def holder(self) -> str | None:
@@ -281,8 +283,11 @@ class ExchangeSharing:
         self._arm(flight.answer.deadline())
         if queued.client is not None and queued.client.done_sending:
             flight.orphan_pending = True  # its client can send no part of the exchange any more
+        # Two numbers a request: the one after it is its C2's (ATOL v3), so no number serves twice in a row.
+        self._written += 2
+        request = flight.answer.exchange.request_bytes(queued.request.raw, self._written)
         try:
-            await device.write(queued.request.raw, config.response_timeout, flight.name)
+            await device.write(request, config.response_timeout, flight.name)
         except LinkLost:
             if self._flight is flight:
                 self._fail(flight, ExchangeResult.LINK_LOST, "the link was lost")
@@ -296,10 +301,11 @@ class ExchangeSharing:
         flight = self._flight
         if flight is None or flight.client is not client or flight.answer.complete:
             return False
-        if not flight.answer.exchange.from_host(event):
+        exchange = flight.answer.exchange
+        if not exchange.from_host(event):
             return False
         try:
-            await self.device.write(event.raw, self.config.response_timeout, client.name)
+            await self.device.write(exchange.host_bytes(event), self.config.response_timeout, client.name)
         except LinkLost:
             pass  # the link's loss ends the exchange
         except trio.TooSlowError:
