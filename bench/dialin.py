@@ -13,8 +13,8 @@ against the same with one device connected.
 from __future__ import annotations
 
 import argparse
+import re
 import resource
-import sqlite3
 import statistics
 import subprocess
 import sys
@@ -60,14 +60,24 @@ async def device(port: int, number: int, ready: trio.Event, counter: list[int], 
             pass
 
 
-def registered(database: str) -> int:
-    with sqlite3.connect(database) as db:
-        return db.execute("SELECT COUNT(*) FROM devices WHERE last_connect IS NOT NULL").fetchone()[0]
+class Attached:
+    """Counts the devices attached so far in the proxy's log, reading only what was added since the
+    last look (the registry is the proxy's alone while it runs, so it cannot be read)."""
+
+    def __init__(self, log: Path) -> None:
+        self._file = log.open("rb")
+        self._tail = b""
+        self.count = 0
+
+    def update(self) -> int:
+        text = self._tail + self._file.read()
+        complete, _, self._tail = text.rpartition(b"\n")
+        self.count += complete.count(b" is DEV")
+        return self.count
 
 
-def direct_port(database: str, device_id: str) -> int:
-    with sqlite3.connect(database) as db:
-        return db.execute("SELECT direct_port FROM devices WHERE id = ?", (device_id,)).fetchone()[0]
+def direct_port(log: Path, device_id: str) -> int:
+    return int(re.search(rf"registered {device_id} with direct port (\d+)", log.read_text()).group(1))
 
 
 async def round_trips(port: int, count: int = 300) -> float:
@@ -85,8 +95,9 @@ async def round_trips(port: int, count: int = 300) -> float:
     return statistics.median(samples)
 
 
-async def run(proxy: subprocess.Popen, dialin_port: int, database: str, steps: list[int]) -> None:
+async def run(proxy: subprocess.Popen, dialin_port: int, log: Path, steps: list[int]) -> None:
     baseline = rss_kib(proxy.pid)
+    attached = Attached(log)
     connected = 0
     single_latency = None
     async with trio.open_nursery() as nursery:
@@ -96,16 +107,16 @@ async def run(proxy: subprocess.Popen, dialin_port: int, database: str, steps: l
             for number in range(connected, target):
                 nursery.start_soon(device, dialin_port, number, ready, counter, target - connected)
             await ready.wait()
-            while registered(database) < target:  # noqa: ASYNC110 - another process writes it
+            while attached.update() < target:  # noqa: ASYNC110 - another process writes it
                 await trio.sleep(0.02)
             elapsed = time.perf_counter() - started
             added = target - connected
             connected = target
             if single_latency is None:
-                single_latency = await round_trips(direct_port(database, "DEV00000"))
+                single_latency = await round_trips(direct_port(log, "DEV00000"))
             await trio.sleep(1.0)  # let allocations settle before reading RSS
             per_device = (rss_kib(proxy.pid) - baseline) * 1024 / connected
-            latency = await round_trips(direct_port(database, "DEV00000"))
+            latency = await round_trips(direct_port(log, "DEV00000"))
             print(
                 f"{connected:6} devices: {added} registered in {elapsed:6.2f} s ({added / elapsed:7.0f}/s), "
                 f"RSS {per_device / 1024:5.1f} KiB/device, exchange p50 {latency:6.0f} us "
@@ -125,14 +136,15 @@ def main() -> None:
     steps = [step for step in (1000, 3000) if step < last] + [last]
     dialin_port = free_port()
     with tempfile.TemporaryDirectory() as directory:
-        database = str(Path(directory) / "registry.sqlite3")
+        database = Path(directory) / "registry.sqlite3"
         settings = Path(directory) / "settings.toml"
         settings.write_text(
-            f'[proxy]\nlog_level = "WARNING"\nstatus = ""\n\n[dialin]\nlisten = ["127.0.0.1:{dialin_port}"]\n'
+            f'[proxy]\nlog_level = "INFO"\nstatus = ""\n\n[dialin]\nlisten = ["127.0.0.1:{dialin_port}"]\n'
             f'registry = "{database}"\ndirect_ports = "{DIRECT_PORTS[0]}-{DIRECT_PORTS[1]}"\nping_after = 0\n'
             f"max_devices = {last + 10}\n"
         )
-        log = (Path(directory) / "proxy.log").open("w")
+        log_path = Path(directory) / "proxy.log"
+        log = log_path.open("w")
         proxy = subprocess.Popen(
             [*PROFILER, sys.executable, "-m", "proxy", "run", "-c", str(settings)],
             preexec_fn=raise_open_files,
@@ -142,7 +154,7 @@ def main() -> None:
             wait_for_port(dialin_port, proxy)
             time.sleep(0.5)  # the probe's connection, which never identified, is gone
             print(f"open-file limit {hard}: steps {steps}", flush=True)
-            trio.run(run, proxy, dialin_port, database, steps)
+            trio.run(run, proxy, dialin_port, log_path, steps)
         finally:
             proxy.terminate()
             proxy.wait(30)

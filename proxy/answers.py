@@ -50,6 +50,11 @@ class Answer:
     def complete(self) -> bool:
         return self.exchange.complete
 
+    def heard(self, now: float) -> None:
+        """Bytes of the answer arrived (no whole message yet, or a protocol without messages)."""
+        self.answered = True
+        self.last_byte = now
+
     def feed(self, events: list[Event], now: float) -> tuple[bytes, bytes, bytes]:
         """Device bytes arrived, as `events` (none yet while a frame is incomplete).
 
@@ -64,9 +69,8 @@ class Answer:
                 continue
             passed.append(exchange.client_bytes(event))
             replies += exchange.on_device(event)
-        if passed or not events:
-            self.answered = True
-            self.last_byte = now
+        if passed:
+            self.heard(now)
         return b"".join(passed), replies, b"".join(dropped)
 
     def deadline(self) -> float:

@@ -224,7 +224,7 @@ def devices(args: argparse.Namespace) -> int:
         print(f"error: {settings.source} has no [dialin] table: there is no registry", file=sys.stderr)
         return EXIT_CONFIG
     try:
-        registry = Registry(settings.dialin.registry, settings.dialin.direct_ports)
+        registry = Registry(settings.dialin.registry, settings.dialin.direct_ports, lock_wait=0.5)
     except RegistryError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_FAILED

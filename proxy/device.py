@@ -78,6 +78,38 @@ class Device:
     device is the exception: it gets what the device sent before anyone held it.)
     """
 
+    # Thousands of dial-in devices: no per-instance dictionary.
+    __slots__ = (
+        "_changed",
+        "_demand",
+        "_handover",
+        "_handover_ready",
+        "_idle_logged",
+        "_last_open_error",
+        "_last_received",
+        "_link",
+        "_link_close_reason",
+        "_link_scope",
+        "_outlet",
+        "_pinged",
+        "_serving_order",
+        "client_read_size",
+        "clients",
+        "config",
+        "counters",
+        "dialin",
+        "fresh",
+        "gave_up",
+        "held",
+        "name",
+        "peer",
+        "protocol",
+        "read_size",
+        "sharing",
+        "state",
+        "tracing",
+    )
+
     def __init__(self, config: DeviceConfig, dialin: DialinConfig | None = None) -> None:
         from proxy.sharing import for_device
 

@@ -53,10 +53,13 @@ class Outlet:
     file descriptor number the kernel has given to another connection since.
     """
 
+    __slots__ = ("_fd", "_in_turn", "_lock", "_stream", "closed")
+
     def __init__(self, stream: trio.abc.Stream) -> None:
         self._stream = stream
         self._fd = fileno(stream)
-        self._lock = trio.StrictFIFOLock()
+        # Made at the first send that must wait: ten thousand idle dial-in links need none.
+        self._lock: trio.StrictFIFOLock | None = None
         # Sends that are waiting or writing in turn; while there are any, nobody may write at once.
         self._in_turn = 0
         self.closed = False
@@ -79,6 +82,8 @@ class Outlet:
             if not view:
                 return
         self._in_turn += 1
+        if self._lock is None:
+            self._lock = trio.StrictFIFOLock()
         try:
             async with self._lock:
                 while view:

@@ -43,8 +43,7 @@ async def test_a_modem_registers_gets_a_direct_port_and_a_client_talks_to_its_me
         nursery.start_soon(meter, link)
         device = await device_named(running, "METER0001")
         await online(device)
-        registered = sqlite3.connect(settings.dialin.registry).execute("SELECT direct_port FROM devices").fetchone()
-        assert device.config.listen[0].port == registered[0]
+        assert device.config.listen[0].port == running.registry.known["METER0001"].direct_port
         async with await direct_client(device) as client:
             await client.send_all(b"read energy")
             assert await receive_exactly(client, 15) == b"ANS:read energy"
@@ -291,7 +290,6 @@ async def test_the_registry_leaves_no_shared_memory_file_beside_it(tmp_path):
         await online(await device_named(running, "NOSHM"))
         await link.aclose()
         assert not (tmp_path / "registry.sqlite3-shm").exists()
-        assert not (tmp_path / "registry.sqlite3-wal").exists()
 
 
 async def test_ids_that_clash_with_names_or_hold_a_slash_stay_apart_and_reachable(tmp_path):

@@ -54,17 +54,29 @@ def test_another_programs_database_stops_the_start_with_exit_2_naming_it(tmp_pat
     assert "not a devproxy registry (its devices table has serial, owner)" in result.stderr
 
 
-async def test_a_registry_locked_by_another_program_keeps_its_updates_until_it_can_write(
-    tmp_path, fast_registry, log_lines
+async def test_a_registry_that_cannot_be_written_keeps_its_updates_until_it_can(
+    tmp_path, fast_registry, monkeypatch, log_lines
 ):
     settings = dialin_settings(tmp_path)
     async with running_proxy(settings) as running:
         known = await modem(running, b"KNOWN\n")
         await online(await device_named(running, "KNOWN"))
         await known.aclose()
-        blocker = sqlite3.connect(settings.dialin.registry, isolation_level=None)
-        blocker.execute("BEGIN EXCLUSIVE")
-        # While it is locked: a new id cannot be registered (that device alone is refused) ...
+        # The disk fills up (as the proxy runs as root here, a real one cannot be arranged in a test).
+        failing = [True]
+        record, find_or_add = registry_module.Registry.record, registry_module.Registry.find_or_add
+
+        def full(method):
+            def refuse(self, *args):
+                if failing[0]:
+                    raise registry_module.RegistryError(f"registry {self.path}: database or disk is full")
+                return method(self, *args)
+
+            return refuse
+
+        monkeypatch.setattr(registry_module.Registry, "record", full(record))
+        monkeypatch.setattr(registry_module.Registry, "find_or_add", full(find_or_add))
+        # Meanwhile a new id cannot be registered (that device alone is refused) ...
         async with await modem(running, b"NEWCOMER\n") as newcomer:
             assert await receive_until_closed(newcomer) == b""
         # ... a known device still connects, and its connect waits in memory.
@@ -72,8 +84,7 @@ async def test_a_registry_locked_by_another_program_keeps_its_updates_until_it_c
         device = await device_named(running, "KNOWN")
         await online(device)
         await logged("cannot write the registry", log_lines)
-        blocker.execute("ROLLBACK")
-        blocker.close()
+        failing[0] = False
         await logged("the registry is written again", log_lines)
         await again.aclose()
     with sqlite3.connect(settings.dialin.registry) as db:
@@ -81,6 +92,22 @@ async def test_a_registry_locked_by_another_program_keeps_its_updates_until_it_c
     assert [row[0] for row in rows] == ["KNOWN"] and rows[0][1] is not None
     assert sum("cannot write the registry" in line for line in log_lines) == 1
     assert any("NEWCOMER" in line and "not registered" in line for line in log_lines)
+
+
+def test_the_cli_says_when_a_running_proxy_holds_the_registry(tmp_path):
+    path = tmp_path / "registry.sqlite3"
+    holder = registry_module.Registry(path, (7500, 7599))
+    holder.add("HELD")
+    try:
+        settings = tmp_path / "settings.toml"
+        settings.write_text(f'[dialin]\nlisten = ["127.0.0.1:0"]\nregistry = "{path}"\n')
+        result = subprocess.run(
+            [*PROXY, "devices", "-c", str(settings), "list"], capture_output=True, text=True, timeout=30
+        )
+        assert result.returncode == 1
+        assert "in use by another program (a running devproxy holds it alone" in result.stderr
+    finally:
+        holder.close()
 
 
 async def test_a_registry_deleted_while_running_is_made_again_with_every_known_device(

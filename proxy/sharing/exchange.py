@@ -283,6 +283,7 @@ class ExchangeSharing:
         self._arm(flight.answer.deadline())
         if queued.client is not None and queued.client.done_sending:
             flight.orphan_pending = True  # its client can send no part of the exchange any more
+            self._arm(now)
         # Two numbers a request: the one after it is its C2's (ATOL v3), so no number serves twice in a row.
         self._written += 2
         request = flight.answer.exchange.request_bytes(queued.request.raw, self._written)
@@ -324,12 +325,15 @@ class ExchangeSharing:
         now = trio.current_time()
         answer = flight.answer
         if self._framer is None:
-            answer.feed([], now)
+            answer.heard(now)
             passed, replies, dropped = data, b"", b""
         else:
             # Only what can be this exchange's answer is passed on: a repeated or late answer to an
             # earlier request is dropped here, not handed to this client.
-            passed, replies, dropped = answer.feed(self._framer.feed(data), now)
+            events = self._framer.feed(data)
+            if not events:
+                answer.heard(now)  # part of a message: the answer has begun
+            passed, replies, dropped = answer.feed(events, now)
         if replies:
             await self._write_for_absent_host(flight, replies)
         if dropped:

@@ -57,7 +57,7 @@ class RawTracker:
     def device_sent(self, data: bytes, now: float) -> Sorted:
         answer = self._answer
         if answer is not None and not answer.complete:
-            answer.feed([], now)
+            answer.heard(now)
         return data, b"", b""
 
     def pending(self) -> Answer | None:
@@ -115,7 +115,7 @@ class FramedTracker:
         self._last_byte = now
         events = self._device.feed(data)
         if self._answers and not events:
-            self._answers[0].feed([], now)  # part of a message: the answer has begun
+            self._answers[0].heard(now)  # part of a message: the answer has begun
         return self._sort(events, now)
 
     def _sort(self, events: list[Event], now: float) -> Sorted:
@@ -194,6 +194,7 @@ class SessionSharing:
     """The device's FIFO lock and the lease that holds it."""
 
     needs_task = False
+    __slots__ = ("_lease", "_lock", "_stopping", "_waiting", "config", "device")
 
     def __init__(self, device: Device) -> None:
         self.device = device
