@@ -72,7 +72,8 @@ class Attached:
     def update(self) -> int:
         text = self._tail + self._file.read()
         complete, _, self._tail = text.rpartition(b"\n")
-        self.count += complete.count(b" is DEV")
+        # A device whose direct port another program holds is refused (and counted): it is done too.
+        self.count += complete.count(b" is DEV") + complete.count(b"has no direct port")
         return self.count
 
 

@@ -241,12 +241,19 @@ async def exchange_client(ledger: Ledger, name: str, port: int, protocol: str, s
 async def await_answer(
     ledger: Ledger, name: str, stream: trio.SocketStream, framer: Framer, tag: bytes, protocol: str
 ) -> str:
+    acked = False
     with trio.move_on_after(DRIVER_TIMEOUT):
         while True:
             data = await stream.receive_some(65536)
             if not data:
                 return "disconnected"
             for event in framer.feed(data):
+                if isinstance(event, Control) and not acked:
+                    # A NAK before the ACK is the register's (or line noise's) "not taken": a driver
+                    # sends the command again; that is this request's outcome.
+                    if event.byte == custom.NAK:
+                        return "NAK"
+                    acked = event.byte == custom.ACK
                 if not isinstance(event, Frame):
                     continue
                 try:
@@ -418,7 +425,7 @@ async def soak(seconds: float) -> int:
     print(f"outcomes: {dict(ledger.outcomes)}")
     print(f"faults injected: {dict(ledger.faults)}")
     print(f"answers delivered to the wrong client: {ledger.crossed} (must be 0)")
-    print(f"requests with no outcome (lost): {len(ledger.lost)} (must be 0)")
+    print(f"requests with no outcome (lost): {len(ledger.lost)} (must be 0) {ledger.lost[:10]}")
     print(f"RSS: {start[0]} KiB at start, {end[0]} KiB at end")
     print(f"open descriptors: {start[1]} at start, {end[1]} at end")
     print(f"longest event-loop stall: {report['stall'] * 1000:.1f} ms (must stay under {STALL_LIMIT * 1000:.0f} ms)")
