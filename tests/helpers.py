@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import struct
 import tty
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -17,6 +18,11 @@ from proxy.config import Address, Settings, parse
 from proxy.device import UP_STATES, Device
 
 WAIT_LIMIT = 20.0
+# A Custom register's beep and its answer (protocols.md 1.1).
+BEEP = bytes.fromhex("01 05 00 13 3F 42 0F 00 A8")
+BEEP_ANSWER = bytes.fromhex("06 01 04 00 13 00 00 63 7A")
+# A second device beside the one under test: it must keep answering whatever the first one does.
+OTHER = {"name": "other", "type": "simulator", "protocol": "custom"}
 
 
 def settings_for(*devices: dict, **proxy: object) -> Settings:
@@ -37,6 +43,18 @@ async def running_proxy(settings: Settings) -> AsyncIterator[Running]:
 async def connect(running: Running, name: str) -> trio.SocketStream:
     address = running.addresses[name][0]
     return await trio.open_tcp_stream(address.host, address.port)
+
+
+async def other_device_answers(running: Running) -> None:
+    """The simulated register beside the device under test answers a beep."""
+    async with await connect(running, "other") as client:
+        await client.send_all(BEEP)
+        assert await receive_exactly(client, 9) == BEEP_ANSWER
+
+
+def reset_on_close(stream: trio.SocketStream) -> None:
+    """Makes the next close send a TCP reset, as a crashed POS program's connection does."""
+    stream.socket.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_LINGER, struct.pack("ii", 1, 0))
 
 
 async def wait_for(device: Device, condition: Callable[[], bool]) -> None:

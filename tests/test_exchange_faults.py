@@ -20,24 +20,23 @@ from proxy.device import State
 from proxy.protocols import atol2, atol3, iec61107, shtrih
 from proxy.protocols.custom import build_frame
 
-from helpers import connect, receive_exactly, receive_until_closed, running_proxy, settings_for, wait_for
+from helpers import (
+    BEEP,
+    BEEP_ANSWER,
+    OTHER,
+    connect,
+    other_device_answers,
+    receive_exactly,
+    receive_until_closed,
+    reset_on_close,
+    running_proxy,
+    settings_for,
+    wait_for,
+)
 
 H = bytes.fromhex
-BEEP = H("01 05 00 13 3F 42 0F 00 A8")
-BEEP_ANSWER = H("06 01 04 00 13 00 00 63 7A")
-OTHER = {"name": "other", "type": "simulator", "protocol": "custom"}
 # Timeouts far beyond the test's limit: only the protocol's own end of an exchange can free the device.
 PATIENT = {"response_timeout": 60, "exchange_timeout": 120, "acquire_timeout": 60}
-
-
-async def other_device_answers(running) -> None:
-    async with await connect(running, "other") as client:
-        await client.send_all(BEEP)
-        assert await receive_exactly(client, 9) == BEEP_ANSWER
-
-
-def reset(stream: trio.SocketStream) -> None:
-    stream.socket.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_LINGER, struct.pack("ii", 1, 0))
 
 
 def exchange_device(pty, protocol: str, **keys) -> dict:
@@ -78,7 +77,7 @@ async def test_the_proxy_finishes_the_hosts_part_for_a_client_that_reset_mid_exc
         async with await connect(running, "dev") as staying:
             await leaving.send_all(request)
             assert await receive_exactly(device_end, len(request)) == request
-            reset(leaving)
+            reset_on_close(leaving)
             await leaving.aclose()
             await wait_for(device, lambda: device.state == State.SETTLING)
             await staying.send_all(SHTRIH_REQUEST if protocol == "shtrih" else request)
@@ -111,7 +110,7 @@ async def test_atol2_the_proxy_ends_the_hosts_turn_and_acknowledges_the_answer_f
             command = atol2.build_frame(H("00 00 47"))
             await leaving.send_all(command)
             assert await receive_exactly(device_end, len(command)) == command
-            reset(leaving)
+            reset_on_close(leaving)
             await leaving.aclose()
             # The host's turn was open: the proxy closes it with EOT, then plays the host's ACKs.
             assert await receive_exactly(device_end, 1) == H("04")
@@ -315,7 +314,7 @@ async def test_atol3_the_proxy_sends_the_c2_a_final_result_needs_for_a_client_th
             await leaving.send_all(atol3.build_packet(0, ATOL3_TASK_DATA))
             sent = atol3.build_packet(2, ATOL3_TASK_DATA)
             assert await receive_exactly(device_end, len(sent)) == sent
-            reset(leaving)
+            reset_on_close(leaving)
             await leaving.aclose()
             await wait_for(device, lambda: device.state == State.SETTLING)
             await staying.send_all(atol3.build_packet(0, ATOL3_TASK_DATA))
@@ -385,7 +384,7 @@ async def test_atol2_the_proxy_acknowledges_the_devices_enq_for_a_client_that_le
         assert await receive_exactly(device_end, len(command) + 1) == command + H("04")
         await device_end.send_all(H("06 05"))  # ACK of the command, then the device's turn: ENQ
         assert await receive_exactly(leaving, 3) == H("06 06 05")
-        reset(leaving)
+        reset_on_close(leaving)
         await leaving.aclose()
         assert await receive_exactly(device_end, 1) == H("06")  # the ACK the host owed for the ENQ
         answer = atol2.build_frame(H("55 00 47"))
@@ -407,7 +406,7 @@ async def test_atol2_the_answer_to_an_enq_of_a_client_that_left_at_once_is_not_p
         leaving = await connect(running, "dev")
         await leaving.send_all(H("05"))
         assert await receive_exactly(device_end, 1) == H("05")
-        reset(leaving)
+        reset_on_close(leaving)
         await leaving.aclose()
         async with await connect(running, "dev") as next_client:
             await next_client.send_all(H("05"))

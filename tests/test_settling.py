@@ -16,24 +16,21 @@ from proxy.config import parse
 from proxy.device import State
 from proxy.protocols import Frame, custom, shtrih
 
-from helpers import connect, receive_exactly, receive_until_closed, running_proxy, settings_for, wait_for
+from helpers import (
+    BEEP,
+    BEEP_ANSWER,
+    OTHER,
+    connect,
+    other_device_answers,
+    receive_exactly,
+    receive_until_closed,
+    reset_on_close,
+    running_proxy,
+    settings_for,
+    wait_for,
+)
 
 H = bytes.fromhex
-BEEP = H("01 05 00 13 3F 42 0F 00 A8")
-BEEP_ANSWER = H("06 01 04 00 13 00 00 63 7A")
-OTHER = {"name": "other", "type": "simulator", "protocol": "custom"}
-
-
-async def other_device_answers(running) -> None:
-    """The simulated register beside the device under test answers a beep."""
-    async with await connect(running, "other") as client:
-        await client.send_all(BEEP)
-        assert await receive_exactly(client, 9) == BEEP_ANSWER
-
-
-def reset(stream: trio.SocketStream) -> None:
-    """Makes the next close send a TCP reset, as a crashed POS program's connection does."""
-    stream.socket.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_LINGER, struct.pack("ii", 1, 0))
 
 
 def serial(pty, **keys) -> dict:
@@ -49,7 +46,7 @@ async def test_an_answer_to_a_client_that_reset_its_connection_never_reaches_the
             leaving = await connect(running, "dev")
             await leaving.send_all(b"request %02d" % round_number)
             assert await receive_exactly(device_end, 10) == b"request %02d" % round_number
-            reset(leaving)
+            reset_on_close(leaving)
             await leaving.aclose()
             async with await connect(running, "dev") as next_client:
                 await next_client.send_all(b"mine")
@@ -134,7 +131,7 @@ async def test_a_framed_device_is_free_the_moment_the_answer_of_a_client_that_le
         leaving = await connect(running, "dev")
         await leaving.send_all(BEEP)
         assert await receive_exactly(device_end, 9) == BEEP
-        reset(leaving)
+        reset_on_close(leaving)
         await leaving.aclose()
         async with await connect(running, "dev") as next_client:
             await next_client.send_all(BEEP)
@@ -155,7 +152,7 @@ async def test_a_tcp_device_settles_on_its_connection_which_the_proxy_keeps(tcp_
         leaving = await connect(running, "dev")
         await leaving.send_all(b"request")
         assert await receive_exactly(link, 7) == b"request"
-        reset(leaving)
+        reset_on_close(leaving)
         await leaving.aclose()
         async with await connect(running, "dev") as next_client:
             await next_client.send_all(b"mine")
@@ -273,7 +270,7 @@ async def test_a_device_changed_by_a_reload_settles_before_its_new_settings_take
         leaving = await connect(running, "dev")
         await leaving.send_all(b"request")
         assert await receive_exactly(device_end, 7) == b"request"
-        reset(leaving)
+        reset_on_close(leaving)
         await leaving.aclose()
         await wait_for(device, lambda: device.state == State.SETTLING)
         changed = parse(
