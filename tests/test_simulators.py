@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import struct
+
 import pytest
 import trio
 
 from proxy.cli import build_parser
 from proxy.config import Address
-from proxy.protocols import atol3
+from proxy.protocols import atol3, shtrih
 from proxy.send import SendError, exchange
 from proxy.simulators import model_factory, serve_tcp
 from proxy.simulators.base import NO_FAULTS, Faults
+from proxy.simulators.shtrih import DEVICE_METRICS
 
 from helpers import connect, receive_exactly, running_proxy, settings_for
 
@@ -131,3 +134,34 @@ async def test_an_in_process_simulator_keeps_answering_after_a_bad_frame(protoco
         assert expected in "\n".join(await exchange(address, protocol, send_args(address, protocol, extra)))
         # The simulator itself never failed: at most the reset after a request it ignored.
         assert running.devices["sim"].counters.link_losses == (0 if answer else 1)
+
+
+def test_shtrih_short_status_has_the_vendors_16_byte_answer_for_either_default_password():
+    for password, operator in ((1, 1), (30, 30)):
+        model = model_factory("shtrih")(NO_FAULTS)
+        request = shtrih.build_frame(shtrih.SHORT_STATUS, struct.pack("<I", password))
+        writes = model.feed(request)
+        answer = writes[1].data
+        assert answer[1] == 16  # LEN: command and 15 bytes of data
+        command, data = shtrih.decode(answer)
+        assert (command, data[0], data[1]) == (shtrih.SHORT_STATUS, 0, operator)
+
+
+def test_shtrih_answers_device_type_fch_without_a_password():
+    model = model_factory("shtrih")(NO_FAULTS)
+    command, data = shtrih.decode(model.feed(shtrih.build_frame(0xFC))[1].data)
+    assert command == 0xFC and data[0] == 0
+    assert data[1:] == DEVICE_METRICS and len(data) == 1 + 6 + len(DEVICE_METRICS) - 6
+
+
+async def test_shtrih_answers_an_enq_while_a_slow_command_runs_then_sends_the_answer():
+    async with trio.open_nursery() as nursery:
+        address = await simulator(nursery, "shtrih", Faults(delay=0.3))
+        async with await trio.open_tcp_stream(address.host, address.port) as host:
+            await host.send_all(shtrih.build_frame(shtrih.SHORT_STATUS, struct.pack("<I", 30)))
+            assert await receive_exactly(host, 1) == H("06")
+            await host.send_all(H("05"))  # the driver's answer timeout fired: it asks
+            assert await receive_exactly(host, 1) == H("06")  # still preparing
+            answer = await receive_exactly(host, 19)
+            assert shtrih.decode(answer)[0] == shtrih.SHORT_STATUS
+        nursery.cancel_scope.cancel()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import heapq
 import math
 import os
 import tty
@@ -12,7 +13,7 @@ import trio
 from loguru import logger
 
 from proxy.config import Address
-from proxy.simulators.base import NO_FAULTS, Faults, SimulatedDevice
+from proxy.simulators.base import NO_FAULTS, Faults, SimulatedDevice, Write
 
 # A pause this long inside a frame makes the simulated device abandon it, as a real one's byte timeout.
 BYTE_TIMEOUT = 0.05
@@ -27,21 +28,46 @@ def model_factory(protocol: str) -> Callable[[Faults], SimulatedDevice]:
 
 
 async def serve_stream(stream: trio.abc.Stream, model: SimulatedDevice) -> None:
-    """Answers the host on `stream` until it closes the stream; the caller closes it."""
-    delay = model.faults.delay
+    """Answers the host on `stream` until it closes the stream; the caller closes it.
+
+    The device reads on while an answer waits out its delay, as a real one does: an ENQ sent while a
+    command runs is answered at once (Shtrih), and an ACK goes out before a slow response.
+    """
+    delay = model.answer_delay
+    send_write, receive_write = trio.open_memory_channel[tuple[float, Write]](math.inf)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_write_in_time, stream, model, receive_write)
+        while True:
+            with trio.move_on_after(BYTE_TIMEOUT if model.mid_frame else math.inf) as quiet:
+                data = await stream.receive_some()
+            if quiet.cancelled_caught:
+                writes = model.line_idle()
+            elif not data:
+                nursery.cancel_scope.cancel()
+                return
+            else:
+                writes = model.feed(data)
+            now = trio.current_time()
+            for write in writes:
+                send_write.send_nowait((now + delay if write.answer and delay else now, write))
+
+
+async def _write_in_time(stream: trio.abc.Stream, model: SimulatedDevice, writes: trio.MemoryReceiveChannel) -> None:
+    """Sends each write when it is due: at once, or after the answer delay; in order within each kind."""
+    due: list[tuple[float, int, Write]] = []
+    order = 0
     while True:
-        with trio.move_on_after(BYTE_TIMEOUT if model.mid_frame else math.inf) as quiet:
-            data = await stream.receive_some()
-        if quiet.cancelled_caught:
-            writes = model.line_idle()
-        elif not data:
-            return
-        else:
-            writes = model.feed(data)
-        for write in writes:
-            if write.answer and delay:
-                await trio.sleep(delay)
+        if due:
+            with trio.move_on_at(due[0][0]):
+                when, write = await writes.receive()
+                heapq.heappush(due, (when, order := order + 1, write))
+                continue
+            _, _, write = heapq.heappop(due)
             await stream.send_all(write.data)
+            model.sent(write)
+        else:
+            when, write = await writes.receive()
+            heapq.heappush(due, (when, order := order + 1, write))
 
 
 async def serve_pty(

@@ -47,8 +47,16 @@ class SimulatedDevice:
         self.frames = 0
         self._framer = self.make_framer()
 
+    @property
+    def answer_delay(self) -> float:
+        """Seconds before each answer (an ACK still comes at once)."""
+        return self.faults.delay
+
     def make_framer(self) -> Framer:
         raise NotImplementedError
+
+    def sent(self, write: Write) -> None:
+        """Hook: `write` has just gone out (a delayed answer is no longer in preparation)."""
 
     def answer(self, frame: bytes) -> list[Write]:
         raise NotImplementedError
