@@ -56,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.add_argument("--nak-every", type=int, default=0, metavar="N", help="NAK every Nth frame")
     simulate.add_argument("--drop-every", type=int, default=0, metavar="N", help="never answer every Nth frame")
     simulate.add_argument("--busy", action="store_true", help="answer every command with the busy error")
+    simulate.add_argument(
+        "--reaction-time", type=float, default=None, metavar="S", help="iec61107: least time before an answer (0.2)"
+    )
 
     send = commands.add_parser("send", help="send one request in a device's protocol and print the answer")
     send.add_argument("address", metavar="HOST:PORT", type=_address)
@@ -190,7 +193,7 @@ def simulate(args: argparse.Namespace) -> int:
     from proxy.simulators import serve_pty, serve_tcp
     from proxy.simulators.base import Faults
 
-    faults = Faults(args.delay, args.nak_every, args.drop_every, args.busy)
+    faults = Faults(args.delay, args.nak_every, args.drop_every, args.busy, args.reaction_time)
     log.setup(ProxyConfig())
     if args.pty is not None:
         _run_until_signal(lambda task_status: serve_pty(args.protocol, args.pty, faults, task_status=task_status))

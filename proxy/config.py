@@ -117,6 +117,19 @@ class DeviceConfig:
     allow: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     client_write_timeout: float = 10.0
     max_message: int = MAX_MESSAGE
+    # iec61107 on a serial device: sessions start at this rate and follow the option select's.
+    iec_signon_baudrate: int = 300
+    iec_baud_switch: bool = True
+
+    @property
+    def switches_baud(self) -> bool:
+        """True when the line follows IEC 61107 mode C: sign-on rate, then the agreed one."""
+        return self.type == "serial" and self.protocol == "iec61107" and self.iec_baud_switch
+
+    @property
+    def line_baudrate(self) -> int:
+        """The rate the serial line opens at (and returns to after an IEC session)."""
+        return self.iec_signon_baudrate if self.switches_baud else self.baudrate
 
     def describe(self) -> str:
         """Where the device is, for log lines: the serial path, the TCP peer, or the simulated protocol."""
@@ -387,6 +400,8 @@ def _device_table(index: int, raw: dict[str, Any], problems: _Problems) -> Devic
     table.take("allow", lambda v: isinstance(v, list), "a list of networks", _list_of(_parse_network))
     table.seconds("client_write_timeout", positive=True)
     table.integer("max_message", 1, MAX_MESSAGE_LIMIT)
+    table.integer("iec_signon_baudrate", 1)
+    table.boolean("iec_baud_switch")
     config = DeviceConfig(**{"name": "", **table.values})
     _check_device(table, config)
     return config if config.name else None

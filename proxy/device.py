@@ -87,6 +87,7 @@ class Device:
         "_idle_logged",
         "_last_open_error",
         "_last_received",
+        "_line_rate",
         "_link",
         "_link_close_reason",
         "_link_scope",
@@ -125,6 +126,8 @@ class Device:
         self.client_read_size = FRAMED_CLIENT_READ_SIZE if framed else RAW_READ_SIZE
         self._link: trio.abc.Stream | None = None
         self._outlet: wire.Outlet | None = None
+        # The rate an IEC 61107 session agreed, while the line runs at it (None: the sign-on rate).
+        self._line_rate: int | None = None
         self._link_scope: trio.CancelScope | None = None
         # Why the link was closed from inside the proxy: a reason, or None when closed on purpose.
         self._link_close_reason: str | None = None
@@ -285,6 +288,7 @@ class Device:
         """Reads the link until it is lost (returns why) or closed on purpose (returns None)."""
         self._link = link
         self._outlet = wire.Outlet(link)
+        self._line_rate = None
         # Held bytes are for the first client of a session; requests of exchange sharing own no such thing.
         self.fresh, self.held = self.dialin is not None and self.config.sharing == "session", bytearray(first)
         self._last_received = trio.current_time()
@@ -354,6 +358,20 @@ class Device:
             self.reset_link(f"write failed: {exc}")
             raise LinkLost(f"write failed: {exc}") from None
         self.counters.bytes_to_device += len(data)
+
+    async def follow_line_rate(self, rate: int | None) -> None:
+        """IEC 61107 mode C on a serial line: after the host's option select has left, the line takes the
+        rate it agreed; at the session's end (rate None) it returns to the sign-on rate."""
+        if not self.config.switches_baud or rate == self._line_rate or self._link is None:
+            return
+        link, self._line_rate = self._link, rate
+        target = rate or self.config.iec_signon_baudrate
+        try:
+            await link.set_line_rate(target)
+        except (trio.BrokenResourceError, ValueError) as exc:
+            self.reset_link(f"cannot switch to {target} baud: {exc}")
+            return
+        logger.debug("{}: line at {} baud", self.name, target)
 
     def unsolicited(self, data: bytes) -> None:
         """Bytes from the device while nobody was owed anything: logged and dropped."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import struct
+import termios
 import tty
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -159,6 +160,15 @@ class PtyDevice:
         self.stream, self._slave = trio.lowlevel.FdStream(master), slave
         # The slave stays open here until the proxy has opened it, so the master sees no hang-up.
         return self.stream
+
+    def line_speed(self) -> int:
+        """The baud rate the proxy set on the line (termios, read through this side's slave descriptor)."""
+        speed = termios.tcgetattr(self._slave)[4]
+        return next(
+            int(name[1:])
+            for name in dir(termios)
+            if name[1:].isdigit() and getattr(termios, name) == speed and name[0] == "B"
+        )
 
     def release_slave(self) -> None:
         if self._slave is not None:

@@ -25,6 +25,7 @@ from helpers import (
     BEEP_ANSWER,
     OTHER,
     connect,
+    logged,
     other_device_answers,
     receive_exactly,
     receive_until_closed,
@@ -454,3 +455,29 @@ async def test_session_line_noise_that_looks_like_a_frame_start_is_given_up_and_
             await device_end.send_all(noisy)
             # Held as the start of a 4 KiB frame until device_partial_timeout of silence; then rescanned.
             assert await receive_exactly(client, len(noisy)) == noisy
+
+
+@pytest.mark.parametrize("sharing", ["exchange", "session"])
+async def test_iec61107_mode_c_the_line_follows_the_agreed_rate_and_returns_after_the_break(pty, sharing, log_lines):
+    device_end = pty.plug()
+    settings = settings_for(exchange_device(pty, "iec61107", sharing=sharing, iec_signon_baudrate=300), OTHER)
+    async with running_proxy(settings) as running:
+        device = running.devices["dev"]
+        await wait_for(device, lambda: device.state == State.IDLE)
+        assert pty.line_speed() == 300
+        async with await connect(running, "dev") as reader:
+            await reader.send_all(IEC_SIGN_ON)
+            assert await receive_exactly(device_end, len(IEC_SIGN_ON)) == IEC_SIGN_ON
+            await device_end.send_all(IEC_IDENT)
+            assert await receive_exactly(reader, len(IEC_IDENT)) == IEC_IDENT
+            await reader.send_all(b"\x06051\r\n")  # programming mode at Z = 5: 9600 baud
+            assert await receive_exactly(device_end, 6) == b"\x06051\r\n"
+            await logged("line at 9600 baud", log_lines)
+            assert pty.line_speed() == 9600
+            seed = iec61107.command("P0", "(12345678)")
+            await device_end.send_all(seed)
+            assert await receive_exactly(reader, len(seed)) == seed
+            await reader.send_all(iec61107.command("B0"))
+            assert await receive_exactly(device_end, 5) == iec61107.command("B0")
+            await logged("line at 300 baud", log_lines)
+            assert pty.line_speed() == 300

@@ -63,6 +63,25 @@ class SerialLink(trio_serial.SerialStream):
         except OSError as exc:
             raise trio.BrokenResourceError(f"{self.port}: {exc.strerror}") from exc
 
+    async def set_line_rate(self, rate: int) -> None:
+        """Switches the line to `rate` baud once what was written has left it (IEC 61107 mode C).
+
+        Error handling: trio.BrokenResourceError when the port is gone; ValueError for a rate the
+        system has no constant for (the IEC rates all have one).
+        """
+        speed = getattr(termios, f"B{rate}", None)
+        if speed is None:
+            raise ValueError(f"{rate} baud is no standard rate")
+        fd = self.fd
+        try:
+            # The bytes still in the UART belong to the old rate; tcdrain blocks, so a thread waits.
+            await trio.to_thread.run_sync(termios.tcdrain, fd)
+            attributes = termios.tcgetattr(fd)
+            attributes[4] = attributes[5] = speed
+            termios.tcsetattr(fd, termios.TCSANOW, attributes)
+        except termios.error as exc:
+            raise trio.BrokenResourceError(f"{self.port}: cannot set {rate} baud: {exc.args[-1]}") from exc
+
     def _hung_up(self) -> bool:
         poller = select.poll()
         poller.register(self.fd, select.POLLIN)
@@ -77,7 +96,7 @@ async def open_serial(config: DeviceConfig) -> SerialLink:
     link = SerialLink(
         config.path,
         exclusive=True,
-        baudrate=config.baudrate,
+        baudrate=config.line_baudrate,
         bytesize=config.bytesize,
         parity=PARITY[config.parity],
         stopbits=STOPBITS[config.stopbits],
@@ -99,7 +118,7 @@ async def open_serial(config: DeviceConfig) -> SerialLink:
     except ValueError as exc:
         # The driver refused a line setting (trio-serial says so with ValueError): say which.
         await link.aclose()
-        settings = f"{config.baudrate} {config.bytesize}{config.parity}{config.stopbits:g}"
+        settings = f"{config.line_baudrate} {config.bytesize}{config.parity}{config.stopbits:g}"
         raise LinkError(f"{config.path}: the port refuses {settings}: {exc}") from None
     except OSError as exc:
         await link.aclose()

@@ -79,6 +79,9 @@ class Exchange:
     def __init__(self) -> None:
         self.complete = False
         self.orphaned = False
+        # A baud rate the host and the device agreed on for the rest of the exchange (IEC 61107 mode
+        # C), which the serial line takes after the host's message; None: the line's own.
+        self.line_rate: int | None = None
 
     def on_device(self, event: Event) -> bytes:
         """One message from the device; returns what the proxy must send for an absent host (b"")."""

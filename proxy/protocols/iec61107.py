@@ -116,13 +116,23 @@ def is_sign_on(message: bytes) -> bool:
     return message.startswith(b"/?") and message.endswith(b"!\r\n") and b"(" not in message
 
 
-def option_select_readout(message: bytes) -> bool:
-    """ACK V Z 0 CR LF: the host asks for the data readout, which ends the session."""
-    return len(message) == 6 and message[0] == ACK and message[3:4] == b"0"
+# The baud rates of mode C's Z digit (identification and option select): 0..6.
+BAUD_RATES = (300, 600, 1200, 2400, 4800, 9600, 19200)
+
+
+def option_select(message: bytes) -> tuple[int | None, bool] | None:
+    """ACK V Z Y CR LF: (the baud rate Z agrees, or None; whether Y asks for the data readout, which
+    ends the session), or None when `message` is no option select."""
+    if len(message) != 6 or message[0] != ACK or message[-2:] != b"\r\n":
+        return None
+    rate = BAUD_RATES[message[2] - 0x30] if 0x30 <= message[2] <= 0x36 else None
+    return rate, message[3:4] == b"0"
 
 
 class IecExchange(Exchange):
     """A session from sign-on to break (or to the end of a data readout), or one message and its reply.
+
+    The option select may agree a baud rate (`line_rate`), which the line takes after it.
 
     Each host message in a session waits for the meter's reply. When the host is gone, the proxy lets
     the reply it waits for finish (acknowledging partial blocks so the meter reaches the last one), then
@@ -132,6 +142,7 @@ class IecExchange(Exchange):
     def __init__(self, request: bytes) -> None:
         super().__init__()
         self.session = is_sign_on(request)
+        self._identified = self._option_selected = False
         # A broadcast (/?CTIME(...)!) and a break get no answer.
         self.complete = (request.startswith(b"/?") and not self.session) or request[:4] == BREAK
         self._awaiting_reply = not self.complete
@@ -141,6 +152,11 @@ class IecExchange(Exchange):
 
     def on_device(self, event: Event) -> bytes:
         partial = isinstance(event, Frame) and event.raw[-2:-1] == bytes((EOT,))
+        if self.session and isinstance(event, Frame) and event.raw[:1] == b"/":
+            self._identified = True
+        elif self.session and self._identified and not self._option_selected and not partial:
+            # Modes A and B: the meter sends its readout right after its identification.
+            self._readout = self._readout or (isinstance(event, Frame) and event.raw[:1] == b"\x02")
         if isinstance(event, Frame) and event.raw[:1] in (b"\x01", b"\x02"):
             body = event.raw[1:-1]
             self._energomera_bcc = event.raw[-1] == bcc_sum(body) != bcc_xor(body)
@@ -159,10 +175,12 @@ class IecExchange(Exchange):
 
     def from_host(self, event: Event) -> bool:
         if self.session:
+            selected = option_select(event.raw) if isinstance(event, Frame) else None
             if isinstance(event, Frame) and event.raw[:4] == BREAK:
                 self.complete = True
-            elif isinstance(event, Frame) and option_select_readout(event.raw):
-                self._readout = True
+            elif selected is not None:
+                self._option_selected = True
+                self.line_rate, self._readout = selected
             self._awaiting_reply = not self.complete
             return True
         if self._block_pending and isinstance(event, Control):

@@ -284,6 +284,8 @@ class ExchangeSharing:
         if queued.client is not None and queued.client.done_sending:
             flight.orphan_pending = True  # its client can send no part of the exchange any more
             self._arm(now)
+        # Each exchange starts at the line's own rate (an IEC session before may have switched it).
+        await device.follow_line_rate(None)
         # Two numbers a request: the one after it is its C2's (ATOL v3), so no number serves twice in a row.
         self._written += 2
         request = flight.answer.exchange.request_bytes(queued.request.raw, self._written)
@@ -311,6 +313,8 @@ class ExchangeSharing:
             pass  # the link's loss ends the exchange
         except trio.TooSlowError:
             self.device.reset_link(f"the device took no byte from {client.name} for response_timeout")
+        else:
+            await self.device.follow_line_rate(exchange.line_rate)
         if flight.answer.complete and self._flight is flight:
             await self._finish(flight)
         return True
@@ -386,6 +390,7 @@ class ExchangeSharing:
         self._log(flight, result or "ok")
         if result is not None:
             self.device.count_exchange(result, trio.current_time() - answer.sent_at)
+        await self.device.follow_line_rate(None)  # an IEC session ended: back to the sign-on rate
         if client is not None:
             await client.answer(flight.queued, b"")
         await self._start_next()

@@ -42,6 +42,7 @@ class RawTracker:
     """
 
     holds_partial = False
+    line_rate = None
 
     def __init__(self, config: DeviceConfig) -> None:
         self._config = config
@@ -100,6 +101,12 @@ class FramedTracker:
     def holds_partial(self) -> bool:
         """Part of a message from the device is held until it is whole (or found to be line noise)."""
         return self._device.pending > 0
+
+    @property
+    def line_rate(self) -> int | None:
+        """The rate the latest exchange agreed while it runs (IEC 61107 mode C), else None."""
+        last = self._answers[-1] if self._answers else None
+        return last.exchange.line_rate if last is not None and not last.complete else None
 
     def client_sent(self, data: bytes, now: float) -> None:
         protocol, answers = self._protocol, self._answers
@@ -290,6 +297,7 @@ class SessionSharing:
 
     async def _hold(self, lease: Lease, client: Client) -> str:
         device = self.device
+        await device.follow_line_rate(None)  # each client starts at the line's own rate
         if device.fresh:
             # The first client of a newly connected dial-in device gets what it sent before anyone held
             # it; the Outlet keeps these bytes ahead of whatever the reader passes on next.
@@ -360,6 +368,7 @@ class SessionSharing:
             except trio.TooSlowError:
                 device.reset_link(f"the device took no byte from {lease.name} for response_timeout = {stall:g} s")
                 return "disconnected: the device stopped taking bytes"
+            await device.follow_line_rate(tracker.line_rate)
 
     # -- the device's side -----------------------------------------------------------------------
 
@@ -371,6 +380,8 @@ class SessionSharing:
         now = trio.current_time()
         lease.last_activity = now
         await self._pass_on(lease, lease.tracker.device_sent(data, now))
+        if lease.tracker.line_rate is None:
+            await self.device.follow_line_rate(None)  # an IEC session ended: back to the sign-on rate
         if lease.partial is not None and lease.tracker.holds_partial:
             lease.partial.set()
         if lease.woken is not None:

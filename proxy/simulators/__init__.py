@@ -47,13 +47,16 @@ async def serve_stream(stream: trio.abc.Stream, model: SimulatedDevice) -> None:
                 return
             else:
                 writes = model.feed(data)
-            now = trio.current_time()
+            # Within one batch a write never overtakes the one before it (the device handles messages in
+            # order); a later batch's immediate write (an ACK to ENQ) may overtake a waiting answer.
+            due = trio.current_time()
             for write in writes:
-                send_write.send_nowait((now + delay if write.answer and delay else now, write))
+                due = max(due, trio.current_time() + delay if write.answer else due)
+                send_write.send_nowait((due, write))
 
 
 async def _write_in_time(stream: trio.abc.Stream, model: SimulatedDevice, writes: trio.MemoryReceiveChannel) -> None:
-    """Sends each write when it is due: at once, or after the answer delay; in order within each kind."""
+    """Sends each write when it is due, in the order it was made among writes due at the same time."""
     due: list[tuple[float, int, Write]] = []
     order = 0
     while True:

@@ -13,13 +13,15 @@ class Faults:
 
     delay: seconds before each answer (an ACK still comes at once); nak_every: every Nth frame is
     NAKed instead of executed; drop_every: every Nth answer is never sent (the ACK still is); busy:
-    every command gets the protocol's busy error.
+    every command gets the protocol's busy error; reaction_time: the least time before any answer, as
+    IEC 62056-21 gives a meter (None: the protocol's own, 0.2 s for IEC 61107 and none for the rest).
     """
 
     delay: float = 0.0
     nak_every: int = 0
     drop_every: int = 0
     busy: bool = False
+    reaction_time: float | None = None
 
 
 @attrs.frozen

@@ -3,7 +3,9 @@
 Sign-on /?! (or /?ADDRESS!) gets the identification /EKT5CE301v12; option select ACK 0 5 1 opens
 programming mode with P0 (a fixed seed); P1 with the password (777777) gets ACK, a wrong one NAK; R1
 NAME() gets STX NAME(value) ETX; unknown names (ERR12, the simulator's choice); B0 ends the session.
-Option select ACK 0 5 0 gets the readout. Blocks use the XOR BCC; the busy answer is (ERR19).
+Option select ACK 0 5 0 gets the readout. Blocks use the XOR BCC; the busy answer is (ERR19). Every
+answer waits the meter's reaction time: 200 ms by default, as IEC 62056-21 gives a meter whose
+manufacturer's third letter is upper case (EKT).
 """
 
 from __future__ import annotations
@@ -24,11 +26,20 @@ VALUES = {
 }
 
 
+# IEC 62056-21: a meter answers no sooner than 200 ms (20 ms when its manufacturer's third letter is lower case).
+REACTION_TIME = 0.2
+
+
 class IecMeter(SimulatedDevice):
     def __init__(self, faults: Faults = NO_FAULTS) -> None:
         super().__init__(faults)
         self.session = False
         self.authorised = False
+
+    @property
+    def answer_delay(self) -> float:
+        reaction = REACTION_TIME if self.faults.reaction_time is None else self.faults.reaction_time
+        return max(self.faults.delay, reaction)
 
     def make_framer(self) -> Framer:
         return Framer(from_host=True)
