@@ -135,8 +135,12 @@ def check(path: str) -> int:
     print(f"{path}: OK, {len(settings.devices)} device(s)")
     for device in settings.devices:
         line = (
-            f"{device.baudrate} {device.bytesize}{device.parity}{device.stopbits:g}" if device.type == "serial" else ""
+            f"{device.line_baudrate} {device.bytesize}{device.parity}{device.stopbits:g}"
+            if device.type == "serial"
+            else ""
         )
+        if device.switches_baud:
+            line += " at sign-on, then the rate each session agrees"
         print(f"  {device.name}: {device.type} {device.describe()} {line}".rstrip())
         listen = ", ".join(map(str, device.listen))
         print(f"    protocol {device.protocol}, {device.sharing} sharing, clients on {listen}")

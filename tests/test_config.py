@@ -142,6 +142,8 @@ def test_empty_status_turns_the_status_server_off():
         (device(exchange_timeout=float("inf")), "device 'fptr1': exchange_timeout inf is not a number of seconds"),
         (device(client_write_timeout=0), "device 'fptr1': client_write_timeout 0 must be > 0 seconds"),
         (device(max_message=0), "device 'fptr1': max_message 0 is not in 1-16777216"),
+        (device(iec_signon_baudrate=0), "device 'fptr1': iec_signon_baudrate 0 is not >= 1"),
+        (device(iec_baud_switch="yes"), "device 'fptr1': iec_baud_switch 'yes' is a string, expected true or false"),
         (device(response_timeout=0), "device 'fptr1': response_timeout 0 must be > 0 seconds"),
         (device(busy_reply="busy"), "device 'fptr1': busy_reply 'busy' is not hex bytes"),
         (
@@ -334,3 +336,14 @@ def test_arrays_nested_too_deeply_are_a_config_error_not_a_crash(tmp_path):
 
 def test_a_log_file_name_too_long_for_the_system_is_a_config_problem():
     assert "cannot be a file: File name too long" in one_problem({"proxy": {"log_file": "x" * 300}})
+
+
+def test_an_iec_serial_line_opens_at_the_sign_on_rate_unless_switching_is_off():
+    def iec(**keys):
+        table = {"name": "m", "path": "/dev/ttyS0", "listen": ["127.0.0.1:1"], "protocol": "iec61107", **keys}
+        return parse({"device": [table]}).devices[0]
+
+    assert iec(baudrate=9600).line_baudrate == 300
+    assert iec(baudrate=9600, iec_signon_baudrate=9600).line_baudrate == 9600
+    assert iec(baudrate=9600, iec_baud_switch=False).line_baudrate == 9600
+    assert iec(type="tcp", path="10.0.0.1:1", baudrate=9600).switches_baud is False

@@ -285,22 +285,22 @@ async def test_atol3_packets_are_renumbered_per_device_so_a_stale_reply_cannot_m
         async with await connect(running, "dev") as first, await connect(running, "dev") as second:
             # Both clients number their packets from 0, as drivers do.
             await first.send_all(atol3.build_packet(0, ATOL3_TASK_DATA))
-            sent = atol3.build_packet(2, ATOL3_TASK_DATA)  # the device sees the proxy's numbering
+            sent = atol3.build_packet(4, ATOL3_TASK_DATA)  # the device sees the proxy's numbering
             assert await receive_exactly(device_end, len(sent)) == sent
-            await device_end.send_all(atol3.build_packet(2, ATOL3_RESULT_DATA))
+            await device_end.send_all(atol3.build_packet(4, ATOL3_RESULT_DATA))
             result = atol3.build_packet(0, ATOL3_RESULT_DATA)  # the client sees its own
             assert await receive_exactly(first, len(result)) == result
             await first.send_all(atol3.build_packet(1, bytes((atol3.ACK_RESULT, 5))))
-            c2 = atol3.build_packet(3, bytes((atol3.ACK_RESULT, 5)))
+            c2 = atol3.build_packet(5, bytes((atol3.ACK_RESULT, 5)))
             assert await receive_exactly(device_end, len(c2)) == c2
-            await device_end.send_all(atol3.build_packet(3, bytes((atol3.PENDING,))))
+            await device_end.send_all(atol3.build_packet(5, bytes((atol3.PENDING,))))
             assert await receive_exactly(first, 6) == atol3.build_packet(1, bytes((atol3.PENDING,)))
             await second.send_all(atol3.build_packet(0, ATOL3_TASK_DATA))
-            sent = atol3.build_packet(4, ATOL3_TASK_DATA)
+            sent = atol3.build_packet(8, ATOL3_TASK_DATA)
             assert await receive_exactly(device_end, len(sent)) == sent
             # The device repeats the first client's result: ID 2 is not this exchange's, so it is dropped.
-            stale = atol3.build_packet(2, ATOL3_RESULT_DATA)
-            await device_end.send_all(stale + atol3.build_packet(4, ATOL3_RESULT_DATA))
+            stale = atol3.build_packet(4, ATOL3_RESULT_DATA)
+            await device_end.send_all(stale + atol3.build_packet(8, ATOL3_RESULT_DATA))
             assert await receive_exactly(second, len(result)) == result
             assert device.counters.discarded_bytes == len(stale)
 
@@ -313,17 +313,17 @@ async def test_atol3_the_proxy_sends_the_c2_a_final_result_needs_for_a_client_th
         leaving = await connect(running, "dev")
         async with await connect(running, "dev") as staying:
             await leaving.send_all(atol3.build_packet(0, ATOL3_TASK_DATA))
-            sent = atol3.build_packet(2, ATOL3_TASK_DATA)
+            sent = atol3.build_packet(4, ATOL3_TASK_DATA)
             assert await receive_exactly(device_end, len(sent)) == sent
             reset_on_close(leaving)
             await leaving.aclose()
             await wait_for(device, lambda: device.state == State.SETTLING)
             await staying.send_all(atol3.build_packet(0, ATOL3_TASK_DATA))
-            await device_end.send_all(atol3.build_packet(2, ATOL3_RESULT_DATA))
-            c2 = atol3.build_packet(3, bytes((atol3.ACK_RESULT, 5)))
+            await device_end.send_all(atol3.build_packet(4, ATOL3_RESULT_DATA))
+            c2 = atol3.build_packet(5, bytes((atol3.ACK_RESULT, 5)))
             assert await receive_exactly(device_end, len(c2)) == c2
-            await device_end.send_all(atol3.build_packet(3, bytes((atol3.PENDING,))))
-            sent = atol3.build_packet(4, ATOL3_TASK_DATA)
+            await device_end.send_all(atol3.build_packet(5, bytes((atol3.PENDING,))))
+            sent = atol3.build_packet(8, ATOL3_TASK_DATA)
             assert await receive_exactly(device_end, len(sent)) == sent
             await other_device_answers(running)
 
@@ -481,3 +481,35 @@ async def test_iec61107_mode_c_the_line_follows_the_agreed_rate_and_returns_afte
             assert await receive_exactly(device_end, 5) == iec61107.command("B0")
             await logged("line at 300 baud", log_lines)
             assert pty.line_speed() == 300
+
+
+async def test_atol3_a_status_poll_during_an_async_task_is_answered_and_the_task_goes_on(pty):
+    device_end = pty.plug()
+    async_task = bytes((atol3.ADD, atol3.ASYNC_FLAG, 5, 0, 0, 0x47))
+    async with running_proxy(settings_for(exchange_device(pty, "atol3"), OTHER)) as running:
+        device = running.devices["dev"]
+        await wait_for(device, lambda: device.state == State.IDLE)
+        async with await connect(running, "dev") as client:
+            await client.send_all(atol3.build_packet(0, async_task))
+            sent = atol3.build_packet(4, async_task)
+            assert await receive_exactly(device_end, len(sent)) == sent
+            await device_end.send_all(atol3.build_packet(4, bytes((atol3.PENDING,))))
+            pending = atol3.build_packet(0, bytes((atol3.PENDING,)))
+            assert await receive_exactly(client, len(pending)) == pending
+            # The driver asks how its task is doing (C3 REQ): the poll goes to the register now, under a
+            # number of its own, and its answer comes back under the driver's.
+            await client.send_all(atol3.build_packet(1, bytes((atol3.REQUEST, 5))))
+            poll = atol3.build_packet(6, bytes((atol3.REQUEST, 5)))
+            assert await receive_exactly(device_end, len(poll)) == poll
+            await device_end.send_all(atol3.build_packet(6, bytes((0xA2,))))  # in progress
+            in_progress = atol3.build_packet(1, bytes((0xA2,)))
+            assert await receive_exactly(client, len(in_progress)) == in_progress
+            result = atol3.build_packet(atol3.ASYNC_ID, bytes((0xA6, 5, 0x55, 0, 0x47)))
+            await device_end.send_all(result)
+            assert await receive_exactly(client, len(result)) == result
+            await client.send_all(atol3.build_packet(2, bytes((atol3.ACK_RESULT, 5))))
+            c2 = atol3.build_packet(5, bytes((atol3.ACK_RESULT, 5)))
+            assert await receive_exactly(device_end, len(c2)) == c2
+            await device_end.send_all(atol3.build_packet(5, bytes((atol3.PENDING,))))
+            assert await receive_exactly(client, 6) == atol3.build_packet(2, bytes((atol3.PENDING,)))
+            await wait_for(device, lambda: device.counters.exchanges[ExchangeResult.OK] == 1)

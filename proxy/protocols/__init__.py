@@ -42,6 +42,9 @@ Event = Frame | Control | Junk
 
 # raw: the longest message held back waiting for silence; past it the bytes are passed on as they are.
 MAX_MESSAGE = 65536
+# Exchange sharing numbers a device's requests in steps of this (ATOL v3 renumbers its packets: the
+# request's ID, its C2's, and two for status polls).
+NUMBERS_PER_REQUEST = 4
 
 
 class ProtocolError(Exception):
@@ -114,7 +117,8 @@ class Exchange:
     # the next client waits for. The defaults pass every byte unchanged.
 
     def request_bytes(self, request: bytes, number: int) -> bytes:
-        """The request as it is written to the device; `number` counts the device's requests."""
+        """The request as it is written to the device; `number` counts the device's requests (in steps
+        of NUMBERS_PER_REQUEST, so that a request's later packets have numbers of their own)."""
         return request
 
     def host_bytes(self, event: Event) -> bytes:

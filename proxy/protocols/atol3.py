@@ -17,6 +17,7 @@ ESCAPED = {0xEE: 0xFE, 0xED: 0xFD}
 ASYNC_ID = 0xF0
 # Host packet IDs run 00..DF and wrap.
 HOST_IDS = 0xE0
+
 MAX_DATA = 0x3FFF
 ADD, ACK_RESULT, REQUEST, ABORT, ACK_ADD = 0xC1, 0xC2, 0xC3, 0xC4, 0xC5
 RESULT = 0xA3
@@ -140,15 +141,23 @@ class Atol3Exchange(Exchange):
         self.ack_sent = False
         # Packet IDs as the device sees them -> as the client sent them (renumbered in exchange sharing).
         self._client_ids: dict[int, int] = {}
+        # IDs for the host's status polls (C3) of an async task while its result is awaited.
+        self._poll_ids: list[int] = []
 
     def request_bytes(self, request: bytes, number: int) -> bytes:
+        """The request's ID is `number`; then its C2's, and two for status polls (NUMBERS_PER_REQUEST)."""
         self.packet_id = number % HOST_IDS
+        self._poll_ids = [(number + 2) % HOST_IDS, (number + 3) % HOST_IDS]
         return self._renumber(request, self.packet_id)
 
     def host_bytes(self, event: Event) -> bytes:
-        """The host's C2 goes under the number after the request's (from_host moved packet_id there)."""
+        """The host's C2 goes under the number after the request's (from_host moved packet_id there); a
+        status poll under a poll number."""
         if not self._client_ids or not isinstance(event, Frame):
             return event.raw
+        if self._is_poll(event):
+            self._poll_ids.reverse()
+            return self._renumber(event.raw, self._poll_ids[1])
         return self._renumber(event.raw, self.packet_id)
 
     def client_bytes(self, event: Event) -> bytes:
@@ -176,6 +185,8 @@ class Atol3Exchange(Exchange):
         packet_id, data = event.raw[3], _unescape(event.raw[4:])
         if packet_id == ASYNC_ID:
             return self.waits_async and data[1:2] == bytes((self.task_id,))
+        if packet_id in self._poll_ids and packet_id in self._client_ids:
+            return True  # the answer to the host's status poll
         if packet_id != self.packet_id:
             return False
         # Every client numbers its packets from 0, so an ID alone can match a stale answer to another
@@ -186,6 +197,8 @@ class Atol3Exchange(Exchange):
         if not isinstance(event, Frame) or len(event.raw) < 5:
             return b""
         packet_id, data = event.raw[3], _unescape(event.raw[4:])
+        if packet_id in self._poll_ids and packet_id != self.packet_id:
+            return b""  # the state of the task the host polled: the exchange goes on
         if packet_id == ASYNC_ID and self.waits_async and data[1:2] == bytes((self.task_id,)):
             self.waits_async = False
             self.awaiting_ack = data[:1] != b"" and data[0] in FINAL_RESULTS
@@ -202,7 +215,15 @@ class Atol3Exchange(Exchange):
             self.complete = True
         return self._acknowledge() if self.orphaned else b""
 
+    def _is_poll(self, event: Event) -> bool:
+        """A status poll (C3 REQ) of the task whose async result this exchange awaits."""
+        if not self.waits_async or not isinstance(event, Frame) or len(event.raw) < 6:
+            return False
+        return _unescape(event.raw[4:])[:2] == bytes((REQUEST, self.task_id & 0xFF))
+
     def from_host(self, event: Event) -> bool:
+        if self._is_poll(event):
+            return True
         if self.awaiting_ack and isinstance(event, Frame) and len(event.raw) > 4:
             data = _unescape(event.raw[4:])
             if data[:1] in (bytes((ACK_RESULT,)), bytes((ACK_ADD,))):

@@ -29,7 +29,7 @@ from proxy.answers import Answer, Verdict
 from proxy.config import AUTO
 from proxy.counters import ExchangeResult
 from proxy.device import BROKEN, LinkLost, State
-from proxy.protocols import Event, Frame, Junk
+from proxy.protocols import NUMBERS_PER_REQUEST, Event, Frame, Junk
 
 if TYPE_CHECKING:
     from proxy.clients import Client
@@ -286,8 +286,8 @@ class ExchangeSharing:
             self._arm(now)
         # Each exchange starts at the line's own rate (an IEC session before may have switched it).
         await device.follow_line_rate(None)
-        # Two numbers a request: the one after it is its C2's (ATOL v3), so no number serves twice in a row.
-        self._written += 2
+        # Numbers for the request's own later packets too (ATOL v3: C2, polls), none serving twice in a row.
+        self._written += NUMBERS_PER_REQUEST
         request = flight.answer.exchange.request_bytes(queued.request.raw, self._written)
         try:
             await device.write(request, config.response_timeout, flight.name)
