@@ -513,3 +513,21 @@ async def test_atol3_a_status_poll_during_an_async_task_is_answered_and_the_task
             await device_end.send_all(atol3.build_packet(5, bytes((atol3.PENDING,))))
             assert await receive_exactly(client, 6) == atol3.build_packet(2, bytes((atol3.PENDING,)))
             await wait_for(device, lambda: device.counters.exchanges[ExchangeResult.OK] == 1)
+
+
+async def test_iec61107_a_readout_right_after_the_identification_ends_the_session(pty):
+    device_end = pty.plug()
+    async with running_proxy(settings_for(exchange_device(pty, "iec61107"), OTHER)) as running:
+        device = running.devices["dev"]
+        await wait_for(device, lambda: device.state == State.IDLE)
+        async with await connect(running, "dev") as reader, await connect(running, "dev") as next_reader:
+            await reader.send_all(IEC_SIGN_ON)
+            assert await receive_exactly(device_end, len(IEC_SIGN_ON)) == IEC_SIGN_ON
+            await next_reader.send_all(IEC_SIGN_ON)
+            # Modes A and B: the meter sends its readout without waiting for an option select.
+            readout = iec61107.data_block("VOLTA(230.12)\r\n!\r\n")
+            await device_end.send_all(IEC_IDENT + readout)
+            assert await receive_exactly(reader, len(IEC_IDENT + readout)) == IEC_IDENT + readout
+            assert await receive_exactly(device_end, len(IEC_SIGN_ON)) == IEC_SIGN_ON
+            await device_end.send_all(IEC_IDENT)
+            assert await receive_exactly(next_reader, len(IEC_IDENT)) == IEC_IDENT

@@ -165,3 +165,14 @@ async def test_shtrih_answers_an_enq_while_a_slow_command_runs_then_sends_the_an
             answer = await receive_exactly(host, 19)
             assert shtrih.decode(answer)[0] == shtrih.SHORT_STATUS
         nursery.cancel_scope.cancel()
+
+
+async def test_the_iec_meter_waits_its_reaction_time_before_it_answers():
+    async with trio.open_nursery() as nursery:
+        address = await simulator(nursery, "iec61107")  # the default reaction time: 0.2 s
+        async with await trio.open_tcp_stream(address.host, address.port) as reader:
+            started = trio.current_time()
+            await reader.send_all(b"/?!\r\n")
+            assert await receive_exactly(reader, 15) == b"/EKT5CE301v12\r\n"
+            assert trio.current_time() - started >= 0.2
+        nursery.cancel_scope.cancel()
