@@ -15,10 +15,13 @@ import trio
 import trio.testing
 
 from proxy import wire
+from proxy.config import Address
 from proxy.counters import ExchangeResult
 from proxy.device import State
 from proxy.protocols import atol2, atol3, iec61107, shtrih
 from proxy.protocols.custom import build_frame
+from proxy.simulators import serve_tcp
+from proxy.simulators.base import Faults
 
 from helpers import (
     BEEP,
@@ -531,3 +534,39 @@ async def test_iec61107_a_readout_right_after_the_identification_ends_the_sessio
             assert await receive_exactly(device_end, len(IEC_SIGN_ON)) == IEC_SIGN_ON
             await device_end.send_all(IEC_IDENT)
             assert await receive_exactly(next_reader, len(IEC_IDENT)) == IEC_IDENT
+
+
+async def test_session_an_iec_programming_session_left_alone_past_exchange_timeout_gets_its_break(pty, log_lines):
+    device_end = pty.plug()
+    settings = settings_for(exchange_device(pty, "iec61107", sharing="session", exchange_timeout=0.3), OTHER)
+    async with running_proxy(settings) as running:
+        device = running.devices["dev"]
+        await wait_for(device, lambda: device.state == State.IDLE)
+        async with await connect(running, "dev") as reader:
+            await reader.send_all(IEC_SIGN_ON)
+            assert await receive_exactly(device_end, len(IEC_SIGN_ON)) == IEC_SIGN_ON
+            await device_end.send_all(IEC_IDENT)
+            assert await receive_exactly(reader, len(IEC_IDENT)) == IEC_IDENT
+            # The reader keeps the device but says nothing more: the proxy ends the meter's session.
+            assert await receive_exactly(device_end, 5) == iec61107.command("B0")
+    assert any("left its exchange alone for exchange_timeout" in line for line in log_lines)
+
+
+@pytest.mark.parametrize("sharing", ["exchange", "session"])
+async def test_shtrih_a_driver_whose_timeout_fires_asks_with_enq_and_gets_its_answer(sharing):
+    async with trio.open_nursery() as nursery:
+        ready = await nursery.start(serve_tcp, "shtrih", Address("127.0.0.1", 0), Faults(delay=0.3))
+        settings = settings_for(
+            {"name": "fr", "type": "tcp", "path": ready.rsplit(" ", 1)[1], "protocol": "shtrih", "sharing": sharing}
+        )
+        async with running_proxy(settings) as running, await connect(running, "fr") as driver:
+            await driver.send_all(SHTRIH_REQUEST)
+            assert await receive_exactly(driver, 1) == H("06")
+            await driver.send_all(H("05"))  # its answer timeout fired: it asks
+            assert await receive_exactly(driver, 1) == H("06")  # the register still prepares the answer
+            answer = await receive_exactly(driver, 19)
+            assert shtrih.decode(answer)[0] == shtrih.SHORT_STATUS
+            await driver.send_all(H("06"))
+            await driver.send_all(H("05"))
+            assert await receive_exactly(driver, 1) == H("15")  # idle: the exchange is over
+        nursery.cancel_scope.cancel()

@@ -96,6 +96,8 @@ class FramedTracker:
         self._answers: deque[Answer] = deque()
         self._spoken = False
         self._last_byte = 0.0
+        # When the client last sent anything: an exchange it has left alone this long is abandoned.
+        self.last_client_bytes = trio.current_time()
 
     @property
     def holds_partial(self) -> bool:
@@ -111,6 +113,7 @@ class FramedTracker:
     def client_sent(self, data: bytes, now: float) -> None:
         protocol, answers = self._protocol, self._answers
         self._spoken = True
+        self.last_client_bytes = now
         for event in self._host.feed(data):
             last = answers[-1] if answers else None
             if last is not None and not last.complete and last.exchange.from_host(event):
@@ -330,6 +333,7 @@ class SessionSharing:
                 nursery.start_soon(_end_when_idle, lease, idle_timeout)
             if framed:
                 nursery.start_soon(self._give_up_line_noise, lease)
+                nursery.start_soon(self._end_abandoned_exchanges, lease)
             why = await self._forward(lease, client)
             nursery.cancel_scope.cancel()
         return why
@@ -346,6 +350,27 @@ class SessionSharing:
                 continue
             await trio.sleep_until(tracker.quiet_deadline())
             await self._pass_on(lease, tracker.flush_if_quiet(trio.current_time()))
+
+    async def _end_abandoned_exchanges(self, lease: Lease) -> None:
+        """While the client holds the device: an exchange whose host part it has left alone for
+        exchange_timeout (an IEC programming session, an answer it never ACKed) is finished by the proxy,
+        as for a client that left, so that the device is not left in the middle of it."""
+        tracker, limit = lease.tracker, self.config.exchange_timeout
+        while True:
+            deadline = tracker.last_client_bytes + limit
+            if trio.current_time() < deadline:
+                await trio.sleep_until(deadline)
+                continue
+            replies = tracker.host_gone() if tracker.pending() is not None else b""
+            if replies:
+                logger.info(
+                    "{}: {} left its exchange alone for exchange_timeout = {:g} s; the proxy ended it",
+                    self.device.name,
+                    lease.name,
+                    limit,
+                )
+                await self._write_for_absent_host(lease, replies)
+            await trio.sleep(limit)  # nothing more to play until the client speaks again
 
     async def _forward(self, lease: Lease, client: Client) -> str:
         device, tracker = self.device, lease.tracker
