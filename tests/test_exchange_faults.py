@@ -570,3 +570,93 @@ async def test_shtrih_a_driver_whose_timeout_fires_asks_with_enq_and_gets_its_an
             await driver.send_all(H("05"))
             assert await receive_exactly(driver, 1) == H("15")  # idle: the exchange is over
         nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("sharing", ["exchange", "session"])
+async def test_iec61107_a_session_lasts_while_its_reader_asks_and_one_that_leaves_gets_its_break(pty, sharing):
+    device_end = pty.plug()
+    settings = settings_for(exchange_device(pty, "iec61107", sharing=sharing, exchange_timeout=0.5), OTHER)
+    async with running_proxy(settings) as running:
+        device = running.devices["dev"]
+        await wait_for(device, lambda: device.state == State.IDLE)
+        reader = await connect(running, "dev")
+        await reader.send_all(IEC_SIGN_ON)
+        assert await receive_exactly(device_end, len(IEC_SIGN_ON)) == IEC_SIGN_ON
+        await device_end.send_all(IEC_IDENT)
+        assert await receive_exactly(reader, len(IEC_IDENT)) == IEC_IDENT
+        read = iec61107.command("R1", "VOLTA()")
+        value = iec61107.data_block("VOLTA(230.12)")
+        # Reads over more than exchange_timeout in all: each read counts its own time.
+        for _ in range(4):
+            await reader.send_all(read)
+            assert await receive_exactly(device_end, len(read)) == read
+            with trio.move_on_after(0.2):
+                await trio.sleep_forever()  # the reader thinks between its reads
+            await device_end.send_all(value)
+            assert await receive_exactly(reader, len(value)) == value
+        # Its last read goes out, and the reader leaves before the (slow) reply.
+        await reader.send_all(read)
+        assert await receive_exactly(device_end, len(read)) == read
+        reset_on_close(reader)
+        await reader.aclose()
+        async with await connect(running, "dev") as next_reader:
+            await next_reader.send_all(IEC_SIGN_ON)
+            await wait_for(device, lambda: device.waiting == 1 or device.state == State.SETTLING)
+            await device_end.send_all(value)  # the reply for the reader that left ...
+            assert await receive_exactly(device_end, 5) == iec61107.command("B0")  # ... then its break
+            assert await receive_exactly(device_end, len(IEC_SIGN_ON)) == IEC_SIGN_ON
+            await device_end.send_all(IEC_IDENT)
+            assert await receive_exactly(next_reader, len(IEC_IDENT)) == IEC_IDENT
+
+
+@pytest.mark.parametrize("sharing", ["exchange", "session"])
+async def test_iec61107_the_proxy_acks_partial_blocks_for_a_reader_that_left_then_breaks(pty, sharing):
+    device_end = pty.plug()
+    settings = settings_for(exchange_device(pty, "iec61107", sharing=sharing), OTHER)
+    async with running_proxy(settings) as running:
+        device = running.devices["dev"]
+        await wait_for(device, lambda: device.state == State.IDLE)
+        reader = await connect(running, "dev")
+        await reader.send_all(IEC_SIGN_ON)
+        assert await receive_exactly(device_end, len(IEC_SIGN_ON)) == IEC_SIGN_ON
+        await device_end.send_all(IEC_IDENT)
+        assert await receive_exactly(reader, len(IEC_IDENT)) == IEC_IDENT
+        read = iec61107.command("R1", "PROFILE()")
+        await reader.send_all(read)
+        assert await receive_exactly(device_end, len(read)) == read
+        first_block = iec61107.build_block(b"\x02PROFILE(1)\x04")  # a partial block: ends in EOT
+        await device_end.send_all(first_block)
+        assert await receive_exactly(reader, len(first_block)) == first_block
+        reset_on_close(reader)
+        await reader.aclose()
+        assert await receive_exactly(device_end, 1) == H("06")  # the ACK the reader owed
+        await device_end.send_all(iec61107.data_block("PROFILE(2)"))  # the last block
+        assert await receive_exactly(device_end, 5) == iec61107.command("B0")
+        async with await connect(running, "dev") as next_reader:
+            await next_reader.send_all(IEC_SIGN_ON)
+            assert await receive_exactly(device_end, len(IEC_SIGN_ON)) == IEC_SIGN_ON
+
+
+async def test_iec61107_after_the_proxys_own_break_the_next_sign_on_goes_at_the_sign_on_rate(pty, log_lines):
+    device_end = pty.plug()
+    settings = settings_for(exchange_device(pty, "iec61107", sharing="session", exchange_timeout=0.3), OTHER)
+    async with running_proxy(settings) as running:
+        device = running.devices["dev"]
+        await wait_for(device, lambda: device.state == State.IDLE)
+        async with await connect(running, "dev") as reader:
+            await reader.send_all(IEC_SIGN_ON)
+            assert await receive_exactly(device_end, len(IEC_SIGN_ON)) == IEC_SIGN_ON
+            await device_end.send_all(IEC_IDENT)
+            assert await receive_exactly(reader, len(IEC_IDENT)) == IEC_IDENT
+            await reader.send_all(b"\x06051\r\n")
+            assert await receive_exactly(device_end, 6) == b"\x06051\r\n"
+            seed = iec61107.command("P0", "(12345678)")
+            await device_end.send_all(seed)
+            assert await receive_exactly(reader, len(seed)) == seed
+            # The reader falls silent: the proxy ends the session, and the line goes back to 300 baud.
+            assert await receive_exactly(device_end, 5) == iec61107.command("B0")
+            await logged("line at 300 baud", log_lines)
+            assert pty.line_speed() == 300
+            await reader.send_all(IEC_SIGN_ON)
+            assert await receive_exactly(device_end, len(IEC_SIGN_ON)) == IEC_SIGN_ON
+            assert pty.line_speed() == 300

@@ -142,7 +142,8 @@ class IecExchange(Exchange):
     def __init__(self, request: bytes) -> None:
         super().__init__()
         self.session = is_sign_on(request)
-        self._identified = self._option_selected = False
+        # The host said something after its sign-on (an option select, a read): no mode A/B readout then.
+        self._identified = self._host_spoke = False
         # A broadcast (/?CTIME(...)!) and a break get no answer.
         self.complete = (request.startswith(b"/?") and not self.session) or request[:4] == BREAK
         self._awaiting_reply = not self.complete
@@ -154,16 +155,17 @@ class IecExchange(Exchange):
         partial = isinstance(event, Frame) and event.raw[-2:-1] == bytes((EOT,))
         if self.session and isinstance(event, Frame) and event.raw[:1] == b"/":
             self._identified = True
-        elif self.session and self._identified and not self._option_selected and not partial:
+        elif self.session and self._identified and not self._host_spoke and not partial:
             # Modes A and B: the meter sends its readout right after its identification.
             self._readout = self._readout or (isinstance(event, Frame) and event.raw[:1] == b"\x02")
         if isinstance(event, Frame) and event.raw[:1] in (b"\x01", b"\x02"):
             body = event.raw[1:-1]
             self._energomera_bcc = event.raw[-1] == bcc_sum(body) != bcc_xor(body)
         if partial:
-            # A partial block: the host ACKs for the next one.
+            # A partial block: the host ACKs for the next one (the proxy does, for a host that left).
+            self._awaiting_reply = False
             self._block_pending = True
-            return bytes((ACK,)) if self.orphaned else b""
+            return self._acknowledge_block() if self.orphaned else b""
         if not isinstance(event, (Frame, Control)):
             return b""
         self._awaiting_reply = False
@@ -174,25 +176,34 @@ class IecExchange(Exchange):
         return b""
 
     def from_host(self, event: Event) -> bool:
+        if self._block_pending and isinstance(event, Control):
+            self._block_pending = False
+            self._awaiting_reply = True  # the next block
+            return True
         if self.session:
+            self._host_spoke = True
             selected = option_select(event.raw) if isinstance(event, Frame) else None
             if isinstance(event, Frame) and event.raw[:4] == BREAK:
                 self.complete = True
             elif selected is not None:
-                self._option_selected = True
                 self.line_rate, self._readout = selected
             self._awaiting_reply = not self.complete
-            return True
-        if self._block_pending and isinstance(event, Control):
-            self._block_pending = False
             return True
         return False
 
     def host_gone(self) -> bytes:
         self.orphaned = True
+        if self._block_pending:
+            return self._acknowledge_block()
         if self.session and not self._awaiting_reply and not self.complete:
             return self._end_session()
         return b""
+
+    def _acknowledge_block(self) -> bytes:
+        """The ACK a partial block asks the host for; the meter then sends the next block."""
+        self._block_pending = False
+        self._awaiting_reply = True
+        return bytes((ACK,))
 
     def _end_session(self) -> bytes:
         self.complete = True

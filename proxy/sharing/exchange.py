@@ -307,6 +307,9 @@ class ExchangeSharing:
         exchange = flight.answer.exchange
         if not exchange.from_host(event):
             return False
+        # The device answers this message in its own time: the exchange's timeouts count from it (an
+        # IEC session lasts as long as its reader keeps asking).
+        flight.answer.restart(trio.current_time())
         try:
             await self.device.write(exchange.host_bytes(event), self.config.response_timeout, client.name)
         except LinkLost:

@@ -117,6 +117,7 @@ class FramedTracker:
         for event in self._host.feed(data):
             last = answers[-1] if answers else None
             if last is not None and not last.complete and last.exchange.from_host(event):
+                last.restart(now)  # its timeouts count from the host's latest message in it
                 continue
             if protocol.is_request(event):
                 answers.append(Answer(protocol.exchange(event), self._config, now))
@@ -370,6 +371,7 @@ class SessionSharing:
                     limit,
                 )
                 await self._write_for_absent_host(lease, replies)
+                await self.device.follow_line_rate(tracker.line_rate)
             await trio.sleep(limit)  # nothing more to play until the client speaks again
 
     async def _forward(self, lease: Lease, client: Client) -> str:
@@ -385,6 +387,8 @@ class SessionSharing:
                 return CLOSED
             now = trio.current_time()
             lease.last_activity = now
+            # These bytes go at the rate of the exchange before them (the proxy may have ended it).
+            await device.follow_line_rate(tracker.line_rate)
             tracker.client_sent(data, now)
             try:
                 await device.write(data, stall, lease.name)
