@@ -148,6 +148,10 @@ class DeviceProtocol:
     # The same for the device's side: longer, since a device may pause inside an answer (IEC 62056-21
     # allows 1.5 s between characters), and giving up a real frame would lose the answer.
     device_partial_timeout = 2.0
+    # Seconds of silence after which the device drops a request it got only part of (its byte timeout;
+    # Shtrih's is 50 ms). A client that leaves in the middle of a request holds the device this long in
+    # session sharing, so that the next client's request does not join the rest of it.
+    request_byte_timeout = 0.5
 
     def host_framer(self, max_message: int = MAX_MESSAGE) -> Framer:
         """A framer for the client's side of the link; `max_message` bounds a raw message (a framed

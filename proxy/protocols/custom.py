@@ -142,6 +142,7 @@ class CustomProtocol(DeviceProtocol):
     name = "custom"
     # The register's own per-stage byte timeouts are well under a second.
     partial_timeout = 1.0
+    request_byte_timeout = 1.0
 
     def host_framer(self, max_message: int = MAX_MESSAGE) -> Framer:
         return Framer(from_device=False)

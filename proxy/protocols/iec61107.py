@@ -187,7 +187,10 @@ class IecExchange(Exchange):
                 self.complete = True
             elif selected is not None:
                 self.line_rate, self._readout = selected
-            self._awaiting_reply = not self.complete
+            # The meter answers a message, and a NAK (by repeating its last one); not a lone ACK with no
+            # block pending, nor bytes that form no message.
+            answered = isinstance(event, Frame) or (isinstance(event, Control) and event.byte == NAK)
+            self._awaiting_reply = not self.complete and answered
             return True
         return False
 
@@ -214,6 +217,7 @@ class IecProtocol(DeviceProtocol):
     name = "iec61107"
     host_speaks_during_exchange = True
     partial_timeout = 0.2
+    request_byte_timeout = 1.5  # IEC 62056-21 allows 1500 ms between characters
 
     def host_framer(self, max_message: int = MAX_MESSAGE) -> Framer:
         return Framer(from_host=True)

@@ -68,6 +68,9 @@ class RawTracker:
     def host_gone(self) -> bytes:
         return b""
 
+    def client_left(self) -> float:
+        return -math.inf  # a raw message ends in silence: the client cannot leave one unfinished
+
     def next_look(self, answer: Answer) -> float:
         return answer.deadline()
 
@@ -111,10 +114,25 @@ class FramedTracker:
         return last.exchange.line_rate if last is not None and not last.complete else None
 
     def client_sent(self, data: bytes, now: float) -> None:
-        protocol, answers = self._protocol, self._answers
         self._spoken = True
         self.last_client_bytes = now
-        for event in self._host.feed(data):
+        self._take(self._host.feed(data), now)
+
+    def client_left(self) -> float:
+        """The client sends nothing more: what its framer held back is taken as it stands (a truncated
+        request, or a lone IEC ACK that may have been the start of an option select). Returns when the
+        device has dropped what the client left unfinished (the protocol's request_byte_timeout after
+        its last byte), or -inf when its last bytes ended a message."""
+        held_back = self._host.flush()
+        if not held_back:
+            return -math.inf
+        self._take(held_back, self.last_client_bytes)
+        return self.last_client_bytes + self._protocol.request_byte_timeout
+
+    def _take(self, events: list[Event], now: float) -> None:
+        """The client's messages: a part of the exchange in progress, or a request that starts one."""
+        protocol, answers = self._protocol, self._answers
+        for event in events:
             last = answers[-1] if answers else None
             if last is not None and not last.complete and last.exchange.from_host(event):
                 last.restart(now)  # its timeouts count from the host's latest message in it
@@ -458,7 +476,21 @@ class SessionSharing:
         client (it only closed its sending side) or is dropped.
         """
         device, tracker = self.device, lease.tracker
-        if lease.link_lost or tracker.pending() is None:
+        if lease.link_lost:
+            return
+        dropped_at = tracker.client_left()
+        if trio.current_time() < dropped_at:
+            # The client left inside a message: the device drops it after its byte timeout. Until then
+            # the next client's bytes, or what the proxy plays below, would join it.
+            device.set_state(State.SETTLING)
+            logger.info(
+                "{}: settling: {} left in the middle of a message; the device drops it after {:g} s of silence",
+                device.name,
+                lease.name,
+                self.device.protocol.request_byte_timeout,
+            )
+            await trio.sleep_until(dropped_at)
+        if tracker.pending() is None:
             return
         replies = tracker.host_gone()
         if replies:
