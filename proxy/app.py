@@ -14,7 +14,6 @@ from proxy.config import Address, DeviceConfig, DialinConfig, Settings
 from proxy.device import Device
 from proxy.dialin.registry import Record, Registry, RegistryError
 from proxy.dialin.server import DialinServer
-from proxy.status.server import StatusServer
 
 
 class BindError(Exception):
@@ -328,6 +327,8 @@ async def serve(settings: Settings, *, task_status: trio.TaskStatus[Running] = t
         async with trio.open_nursery() as nursery:
             running = Running(settings, nursery, registry)
             if status_listeners:
+                from proxy.status.server import StatusServer  # its HTTP and metrics stack only when it is on
+
                 status = StatusServer(running.devices_and_addresses, settings.proxy.status_token)
                 await nursery.start(status.serve, status_listeners)
                 running.status = _bound_addresses(status_listeners)[0]

@@ -1,4 +1,8 @@
-"""Command-line parsing only: each subcommand calls one function of the package."""
+"""Command-line parsing only: each subcommand calls one function of the package.
+
+Each subcommand imports what it uses when it runs (trio, loguru, the proxy itself): `--help`, `check`
+and `import` start in a fraction of the time.
+"""
 
 from __future__ import annotations
 
@@ -11,10 +15,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-import trio
-from loguru import logger
-
-from proxy import config, log
+from proxy import config
 from proxy.config import Address, ConfigError, ProxyConfig, Settings, parse_address
 
 EXIT_OK = 0
@@ -157,6 +158,10 @@ def check(path: str) -> int:
 
 def run(path: str) -> int:
     """The proxy in the foreground until SIGINT or SIGTERM; 2 when the config or a port is unusable."""
+    import trio
+    from loguru import logger
+
+    from proxy import log
     from proxy.app import BindError, Running, serve
 
     settings = _load(path)
@@ -194,6 +199,7 @@ def run(path: str) -> int:
 
 def simulate(args: argparse.Namespace) -> int:
     """A simulated device until SIGINT or SIGTERM."""
+    from proxy import log
     from proxy.simulators import serve_pty, serve_tcp
     from proxy.simulators.base import Faults
 
@@ -208,6 +214,8 @@ def simulate(args: argparse.Namespace) -> int:
 
 def send(args: argparse.Namespace) -> int:
     """One exchange with a device; prints what was sent and the answer, exit 1 with the reason on failure."""
+    import trio
+
     from proxy.send import SendError, exchange
 
     try:
@@ -314,6 +322,9 @@ def _run_until_signal(
 
     With `on_hangup`, SIGHUP calls it with what `start` reported.
     """
+    import trio
+    from loguru import logger
+
     wanted = (signal.SIGINT, signal.SIGTERM, *((signal.SIGHUP,) if on_hangup else ()))
 
     async def main() -> None:

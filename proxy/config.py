@@ -14,11 +14,11 @@ from typing import Any
 
 import attrs
 
-from proxy.protocols import MAX_MESSAGE
+from proxy.protocols import MAX_MESSAGE, NAMES
 
 LOG_LEVELS = ("TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR", "CRITICAL")
 DEVICE_TYPES = ("serial", "tcp", "simulator")
-PROTOCOLS = ("raw", "custom", "shtrih", "atol2", "atol3", "dle", "coges", "energomera-ce", "iec61107")
+PROTOCOLS = NAMES
 # Protocols with a simulated device (raw has none: it has no protocol to follow).
 SIMULATED_PROTOCOLS = PROTOCOLS[1:]
 SHARING_MODES = ("session", "exchange")

@@ -7,6 +7,7 @@ partial frame is then known to be a false start and is rescanned.
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from typing import Protocol
 
@@ -41,6 +42,8 @@ class Junk:
 Event = Frame | Control | Junk
 
 # raw: the longest message held back waiting for silence; past it the bytes are passed on as they are.
+# The protocols settings.toml may name, each in the module of that name (with _ for -).
+NAMES = ("raw", "custom", "shtrih", "atol2", "atol3", "dle", "coges", "energomera-ce", "iec61107")
 MAX_MESSAGE = 65536
 # Exchange sharing numbers a device's requests in steps of this (ATOL v3 renumbers its packets: the
 # request's ID, its C2's, and two for status polls).
@@ -180,8 +183,8 @@ class DeviceProtocol:
 
 
 def get(name: str) -> DeviceProtocol:
-    """The protocol named in settings.toml; KeyError for an unknown name."""
-    from proxy.protocols import atol2, atol3, coges, custom, dle, energomera_ce, iec61107, raw, shtrih
-
-    modules = (raw, custom, shtrih, atol2, atol3, dle, coges, energomera_ce, iec61107)
-    return {module.PROTOCOL.name: module.PROTOCOL for module in modules}[name]
+    """The protocol named in settings.toml; KeyError for an unknown name. Only its module is imported:
+    a proxy starts faster with the protocols it uses."""
+    if name not in NAMES:
+        raise KeyError(name)
+    return importlib.import_module(f"proxy.protocols.{name.replace('-', '_')}").PROTOCOL

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import heapq
+import importlib
 import math
 import os
 import tty
@@ -12,7 +13,7 @@ from pathlib import Path
 import trio
 from loguru import logger
 
-from proxy.config import Address
+from proxy.config import SIMULATED_PROTOCOLS, Address
 from proxy.simulators.base import NO_FAULTS, Faults, SimulatedDevice, Write
 
 # A pause this long inside a frame makes the simulated device abandon it, as a real one's byte timeout.
@@ -20,11 +21,11 @@ BYTE_TIMEOUT = 0.05
 
 
 def model_factory(protocol: str) -> Callable[[Faults], SimulatedDevice]:
-    """The simulated device class for `protocol`; KeyError when there is none."""
-    from proxy.simulators import atol2, atol3, coges, custom, dle, energomera_ce, iec61107, shtrih
-
-    modules = (custom, shtrih, atol2, atol3, dle, coges, energomera_ce, iec61107)
-    return {module.PROTOCOL: module.DEVICE for module in modules}[protocol]
+    """The simulated device class for `protocol`; KeyError when there is none. Only its module is
+    imported."""
+    if protocol not in SIMULATED_PROTOCOLS:
+        raise KeyError(protocol)
+    return importlib.import_module(f"proxy.simulators.{protocol.replace('-', '_')}").DEVICE
 
 
 async def serve_stream(stream: trio.abc.Stream, model: SimulatedDevice) -> None:

@@ -56,5 +56,5 @@ class Atol2Register(SimulatedDevice):
         return [Write(bytes((ACK,)), answer=False)]
 
 
-PROTOCOL = "atol2"
+# The simulated device of the protocol this module is named after (model_factory finds it).
 DEVICE = Atol2Register

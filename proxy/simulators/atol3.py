@@ -69,5 +69,5 @@ class Atol3Register(SimulatedDevice):
         return [Write(build_packet(packet_id, bytes((ERROR, task_id)) + BUSY_ERROR))]
 
 
-PROTOCOL = "atol3"
+# The simulated device of the protocol this module is named after (model_factory finds it).
 DEVICE = Atol3Register

@@ -49,5 +49,5 @@ class CogesDevice(SimulatedDevice):
         return "?"
 
 
-PROTOCOL = "coges"
+# The simulated device of the protocol this module is named after (model_factory finds it).
 DEVICE = CogesDevice

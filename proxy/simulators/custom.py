@@ -89,5 +89,5 @@ class CustomRegister(SimulatedDevice):
         return build_frame(command, struct.pack("<H", error))
 
 
-PROTOCOL = "custom"
+# The simulated device of the protocol this module is named after (model_factory finds it).
 DEVICE = CustomRegister

@@ -48,5 +48,5 @@ class DleRegister(SimulatedDevice):
         return [Write(build_frame(message.num, self.node, ord("B")))]
 
 
-PROTOCOL = "dle"
+# The simulated device of the protocol this module is named after (model_factory finds it).
 DEVICE = DleRegister

@@ -73,5 +73,5 @@ class CeMeter(SimulatedDevice):
         return Write(ce.build(reply))
 
 
-PROTOCOL = "energomera-ce"
+# The simulated device of the protocol this module is named after (model_factory finds it).
 DEVICE = CeMeter

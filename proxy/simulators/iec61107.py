@@ -82,5 +82,5 @@ class IecMeter(SimulatedDevice):
         return [Write(data_block(f"({BUSY})"))]
 
 
-PROTOCOL = "iec61107"
+# The simulated device of the protocol this module is named after (model_factory finds it).
 DEVICE = IecMeter

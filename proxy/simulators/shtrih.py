@@ -87,5 +87,5 @@ class ShtrihRegister(SimulatedDevice):
         return build_frame(command, bytes((0,)) + short_status(operator))
 
 
-PROTOCOL = "shtrih"
+# The simulated device of the protocol this module is named after (model_factory finds it).
 DEVICE = ShtrihRegister
