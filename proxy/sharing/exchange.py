@@ -345,12 +345,13 @@ class ExchangeSharing:
             await self._write_for_absent_host(flight, replies)
         if dropped:
             self.device.discarded(dropped, f"an earlier request (now {flight.name})")
-        if passed:
+        if answer.complete and self._flight is flight:
+            await self._finish(flight, passed)
+        elif passed:
             await self._pass_on(flight, passed)
         if answer.complete:
-            if self._flight is flight:
-                await self._finish(flight)
-        elif answer.exchange.ends_in_silence:
+            return
+        if answer.exchange.ends_in_silence:
             self._arm(answer.deadline())
         elif self._framer is not None and self._framer.pending:
             self._arm(now + self.protocol.device_partial_timeout)
@@ -380,9 +381,15 @@ class ExchangeSharing:
         except trio.TooSlowError:
             self.device.reset_link("the device took no byte for response_timeout")
 
-    async def _finish(self, flight: Flight) -> None:
-        """The exchange is complete: counted, its client told what follows it, the next request started."""
+    async def _finish(self, flight: Flight, last_bytes: bytes = b"") -> None:
+        """The exchange is complete: the next request is written first, so that the device works on it
+        while the answer's `last_bytes` go to their client; then the client is told what follows the
+        answer, and the exchange is counted."""
         self._flight = None
+        await self.device.follow_line_rate(None)  # an IEC session ended: back to the sign-on rate
+        await self._start_next()
+        if last_bytes:
+            await self._pass_on(flight, last_bytes)
         client, answer = flight.client, flight.answer
         if client is None:
             result = None
@@ -393,10 +400,8 @@ class ExchangeSharing:
         self._log(flight, result or "ok")
         if result is not None:
             self.device.count_exchange(result, trio.current_time() - answer.sent_at)
-        await self.device.follow_line_rate(None)  # an IEC session ended: back to the sign-on rate
         if client is not None:
             await client.answer(flight.queued, b"")
-        await self._start_next()
 
     def _fail(self, flight: Flight, result: ExchangeResult, why: str) -> None:
         """The exchange ends without a complete answer. Must not wait: the link's loss calls it."""
