@@ -35,16 +35,24 @@ def setup(config: ProxyConfig) -> None:
             )
         except (OSError, ValueError) as exc:
             raise LogFileError(f"log_file {config.log_file!r} cannot be opened: {exc}") from None
-    global _tracing
+    global _tracing, _debugging
     _tracing = config.log_level == "TRACE"
+    _debugging = config.log_level in ("TRACE", "DEBUG")
 
 
 _tracing = False
+_debugging = True
 
 
 def tracing() -> bool:
     """True when TRACE lines are wanted: the byte path asks this before formatting any hex."""
     return _tracing
+
+
+def debugging() -> bool:
+    """True when DEBUG lines may be wanted (until setup() says otherwise): a line per exchange asks this
+    first, since even a lazy loguru call costs more than the rest of its bookkeeping."""
+    return _debugging
 
 
 def hexdump(data: bytes, limit: int = 256) -> str:

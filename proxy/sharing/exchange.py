@@ -284,8 +284,9 @@ class ExchangeSharing:
         if queued.client is not None and queued.client.done_sending:
             flight.orphan_pending = True  # its client can send no part of the exchange any more
             self._arm(now)
-        # Each exchange starts at the line's own rate (an IEC session before may have switched it).
-        await device.follow_line_rate(None)
+        if config.switches_baud:
+            # Each exchange starts at the line's own rate (an IEC session before may have switched it).
+            await device.follow_line_rate(None)
         # Numbers for the request's own later packets too (ATOL v3: C2, polls), none serving twice in a row.
         self._written += NUMBERS_PER_REQUEST
         request = flight.answer.exchange.request_bytes(queued.request.raw, self._written)
@@ -386,7 +387,8 @@ class ExchangeSharing:
         while the answer's `last_bytes` go to their client; then the client is told what follows the
         answer, and the exchange is counted."""
         self._flight = None
-        await self.device.follow_line_rate(None)  # an IEC session ended: back to the sign-on rate
+        if self.config.switches_baud:
+            await self.device.follow_line_rate(None)  # an IEC session ended: back to the sign-on rate
         await self._start_next()
         if last_bytes:
             await self._pass_on(flight, last_bytes)
@@ -418,6 +420,8 @@ class ExchangeSharing:
             client.client.disconnect(f"disconnected: {why} while it was receiving an answer")
 
     def _log(self, flight: Flight, result: str) -> None:
+        if not log.debugging():
+            return
         logger.opt(lazy=True).debug(
             "{}: {} exchange for {}: {} -> {} ({} bytes) in {:.3f} s",
             lambda: self.device.name,

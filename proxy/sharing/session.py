@@ -394,7 +394,7 @@ class SessionSharing:
 
     async def _forward(self, lease: Lease, client: Client) -> str:
         device, tracker = self.device, lease.tracker
-        stall = self.config.response_timeout
+        stall, switches_baud = self.config.response_timeout, self.config.switches_baud
         receive = wire.reader(client.stream, device.client_read_size)
         while True:
             try:
@@ -405,8 +405,9 @@ class SessionSharing:
                 return CLOSED
             now = trio.current_time()
             lease.last_activity = now
-            # These bytes go at the rate of the exchange before them (the proxy may have ended it).
-            await device.follow_line_rate(tracker.line_rate)
+            if switches_baud:
+                # These bytes go at the rate of the exchange before them (the proxy may have ended it).
+                await device.follow_line_rate(tracker.line_rate)
             tracker.client_sent(data, now)
             try:
                 await device.write(data, stall, lease.name)
@@ -415,7 +416,8 @@ class SessionSharing:
             except trio.TooSlowError:
                 device.reset_link(f"the device took no byte from {lease.name} for response_timeout = {stall:g} s")
                 return "disconnected: the device stopped taking bytes"
-            await device.follow_line_rate(tracker.line_rate)
+            if switches_baud:
+                await device.follow_line_rate(tracker.line_rate)
 
     # -- the device's side -----------------------------------------------------------------------
 
@@ -427,7 +429,7 @@ class SessionSharing:
         now = trio.current_time()
         lease.last_activity = now
         await self._pass_on(lease, lease.tracker.device_sent(data, now))
-        if lease.tracker.line_rate is None:
+        if self.config.switches_baud and lease.tracker.line_rate is None:
             await self.device.follow_line_rate(None)  # an IEC session ended: back to the sign-on rate
         if lease.partial is not None and lease.tracker.holds_partial:
             lease.partial.set()
