@@ -12,6 +12,9 @@ from proxy.simulators.base import NO_FAULTS, Faults, SimulatedDevice, Write
 
 DISPLAY = "000050"
 MANAGER_CODES = ("9999", "11112222")
+# Digits a display holds; further digits scroll the oldest off, as a vending display does, so that the
+# answer never outgrows the protocol's payload.
+DISPLAY_DIGITS = 16
 KEY_NAMES = {code: name for name, code in KEYS.items()}
 
 
@@ -33,7 +36,7 @@ class CogesDevice(SimulatedDevice):
         if payload.startswith("00002") and len(payload) == 6:
             key = KEY_NAMES.get(payload[5], "?")
             if key.isdigit():
-                self.entry += key
+                self.entry = (self.entry + key)[-DISPLAY_DIGITS:]
                 return self.entry
             if key == "ESC":
                 self.entry = ""
