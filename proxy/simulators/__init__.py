@@ -97,11 +97,18 @@ async def serve_pty(
 
 
 def _open_pty(link: Path) -> tuple[int, int, str]:
+    """A raw pty pair with `link` pointing at its slave. Error handling: OSError when the link cannot be
+    made, with both descriptors closed."""
     master, slave = os.openpty()
-    tty.setraw(slave)
-    slave_path = os.ttyname(slave)
-    link.unlink(missing_ok=True)
-    link.symlink_to(slave_path)
+    try:
+        tty.setraw(slave)
+        slave_path = os.ttyname(slave)
+        link.unlink(missing_ok=True)
+        link.symlink_to(slave_path)
+    except OSError:
+        os.close(master)
+        os.close(slave)
+        raise
     return master, slave, slave_path
 
 
