@@ -7,7 +7,10 @@ import subprocess
 import sys
 
 import pytest
+import trio
 from openpyxl import Workbook
+
+from proxy.dialin.registry import RESERVE_AHEAD, Registry
 
 PROXY = [sys.executable, "-m", "proxy"]
 HEADER = [
@@ -61,6 +64,17 @@ def test_add_list_and_remove(config):
     assert devices(config, "remove", "METER1").stdout == "removed METER1\n"
     missing = devices(config, "remove", "METER1")
     assert missing.returncode == 1 and "METER1 is not registered" in missing.stderr
+
+
+def test_add_skips_ports_held_back_after_a_crash_and_gives_one_when_asked(config, tmp_path):
+    registry = Registry(tmp_path / "reg.sqlite3", (7500, 7999))
+    lost = trio.run(registry.register, "LOST")
+    registry.close()  # the proxy died before it wrote LOST's row
+    first_free = 7500 + RESERVE_AHEAD
+    assert devices(config, "add", "OTHER").stdout == f"added OTHER with direct port {first_free}\n"
+    assert devices(config, "add", "LOST", "--port", str(lost.direct_port)).returncode == 0
+    rows = json.loads(devices(config, "list", "--json").stdout)
+    assert [(row["id"], row["port"]) for row in rows] == [("LOST", 7500), ("OTHER", first_free)]
 
 
 def expect_import(result: subprocess.CompletedProcess) -> None:

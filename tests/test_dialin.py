@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import sqlite3
 
@@ -76,6 +77,20 @@ async def test_the_same_id_gets_the_same_port_after_a_restart(tmp_path):
     assert set(ports[0]) == {"A-1", "B-2"}
 
 
+async def test_in_a_port_range_a_new_device_gets_the_lowest_port_no_registered_device_has(tmp_path):
+    low, high = free_ports(3)
+    settings = dialin_settings(tmp_path, direct_ports=f"{low}-{high}")
+    ports = {}
+    # One new device a run: the second run starts A-1 from the registry, and B-2 takes the next port.
+    for identity in (b"A-1\n", b"B-2\n"):
+        async with running_proxy(settings) as running:
+            link = await modem(running, identity)
+            await online(await device_named(running, identity.strip().decode()))
+            await link.aclose()
+            ports = {d.config.path: d.config.listen[0].port for d in running.devices.values()}
+    assert ports == {"A-1": low, "B-2": low + 1}
+
+
 async def test_a_registered_device_listens_while_offline_and_refuses_after_acquire_timeout(tmp_path):
     settings = dialin_settings(tmp_path, acquire_timeout=0.05, busy_reply="ee")
     async with running_proxy(settings) as running:
@@ -139,15 +154,25 @@ async def test_a_silent_device_is_pinged_then_closed(tmp_path):
                 await device.changed()
 
 
-def free_port() -> int:
-    """A port the system says is free now (for the one test that needs a range of one)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+def free_ports(count: int) -> tuple[int, int]:
+    """A direct_ports range of `count` ports that are free now (each one bound once to check)."""
+    while True:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            low = probe.getsockname()[1]
+        if low + count > 65536:
+            continue
+        with contextlib.ExitStack() as probes:
+            try:
+                for port in range(low, low + count):
+                    probes.enter_context(socket.socket()).bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return low, low + count - 1
 
 
 async def test_a_full_port_range_refuses_only_the_device_that_does_not_fit(tmp_path, log_lines):
-    low = free_port()
+    low, _ = free_ports(1)
     settings = dialin_settings(tmp_path, direct_ports=f"{low}-{low}")
     async with running_proxy(settings) as running:
         first = await modem(running, b"FITS\n")
@@ -182,13 +207,15 @@ def test_a_line_that_is_no_id_fails_with_what_was_sent(tmp_path):
         parse_id(config, b"two words\n")
 
 
-async def test_devices_beyond_max_devices_are_refused_with_a_log_line(tmp_path, log_lines):
-    settings = dialin_settings(tmp_path, max_devices=1)
+async def test_devices_beyond_max_devices_are_refused_with_a_log_line_and_take_no_port(tmp_path, log_lines):
+    low, high = free_ports(2)
+    settings = dialin_settings(tmp_path, max_devices=1, direct_ports=f"{low}-{high}")
     async with running_proxy(settings) as running:
         first = await modem(running, b"ONE\n")
         await online(await device_named(running, "ONE"))
         async with await modem(running, b"TWO\n") as second:
             assert await receive_until_closed(second) == b""
+        assert list(running.registry.known) == ["ONE"]
         await first.aclose()
     assert any("refused: max_devices = 1 connected" in line for line in log_lines)
 
