@@ -152,30 +152,28 @@ class Running:
                 self._registering.pop(device_id, None)
 
     async def _register(self, device_id: str, peer: str) -> Device | None:
+        """Starts a known id's device, or registers a new one (autoregister) and starts it; None (logged)
+        when it cannot be. A new device's row is written after its direct port listens (Registry)."""
         dialin, registry = self.settings.dialin, self.registry
+        record = registry.known.get(device_id)
+        if record is not None:
+            return await self.start_registered(record)
+        if not dialin.autoregister:
+            logger.info("dialin: {} ({}) refused: unknown id and autoregister = false", device_id, peer)
+            return None
         listeners: list[trio.SocketListener] = []
-        if dialin.direct_ports is None and device_id not in registry.known:
-            # direct_ports = "any": the system chooses a free port, which the registration then keeps.
-            try:
-                listeners = await bind(Address(dialin.direct_host, 0), f"dialin: {device_id}")
-            except BindError as exc:
-                logger.error("dialin: {} ({}) not registered: {}", device_id, peer, exc)
-                return None
-        port = _bound_addresses(listeners)[0].port if listeners else None
         try:
-            record, created = await registry.run(registry.find_or_add, device_id, dialin.autoregister, port)
-        except RegistryError as exc:
+            if dialin.direct_ports is None:
+                # direct_ports = "any": the system chooses a free port, which the registration then keeps.
+                listeners = await bind(Address(dialin.direct_host, 0), f"dialin: {device_id}")
+                record = await registry.register_bound(device_id, _bound_addresses(listeners)[0].port)
+            else:
+                record = await registry.register(device_id)
+        except (BindError, RegistryError) as exc:
             await _close(listeners)
             logger.error("dialin: {} ({}) not registered: {}", device_id, peer, exc)
             return None
-        if record is None or not created:
-            await _close(listeners)
-            listeners = []
-        if record is None:
-            logger.info("dialin: {} ({}) refused: unknown id and autoregister = false", device_id, peer)
-            return None
-        if created:
-            logger.info("dialin: registered {} with direct port {}", device_id, record.direct_port)
+        logger.info("dialin: registered {} with direct port {}", device_id, record.direct_port)
         return await self.start_registered(record, listeners)
 
     async def start_registered(
@@ -258,6 +256,10 @@ class Running:
         for name, config in list(new.items()):
             if name in old and old[name] == config:
                 continue
+            if name in old and attrs.evolve(old[name], log_level=config.log_level) == config:
+                # Only its log level changed (TRACE for a misbehaving device): its clients stay.
+                self._set_log_level(name, config)
+                continue
             if name in old:
                 logger.info("{}: settings changed; restarting", name)
                 await self.stop_device(name)
@@ -283,11 +285,19 @@ class Running:
             logger.error("{}; the previous logging settings stay", exc)
             settings = attrs.evolve(settings, proxy=self.settings.proxy)
         for device in self.devices.values():
-            device.tracing = log.tracing()
+            device.follow_log_level()
         self.settings = attrs.evolve(
             settings, devices=tuple(config for config in new.values() if config.name in self._runs)
         )
         logger.info("settings reloaded: {} device(s)", len(self._runs))
+
+    def _set_log_level(self, name: str, config: DeviceConfig) -> None:
+        device = self.devices.get(name)
+        if device is None:
+            return
+        device.config = config
+        log.device_level(name, config.log_level)
+        logger.info("{}: log_level is now {}", name, config.log_level or "[proxy]'s")
 
 
 async def serve(settings: Settings, *, task_status: trio.TaskStatus[Running] = trio.TASK_STATUS_IGNORED) -> None:

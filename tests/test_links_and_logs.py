@@ -110,9 +110,9 @@ async def test_json_logs_are_one_object_a_line(tmp_path):
     async with running_proxy(settings) as running, await connect(running, "reg"):
         await wait_for(running.devices["reg"], lambda: running.devices["reg"].state == State.BUSY)
     records = [json.loads(line) for line in log_file.read_text().splitlines()]
-    messages = [record["record"]["message"] for record in records]
+    messages = [record["message"] for record in records]
     assert any("holds the device" in message for message in messages)
-    assert {record["record"]["level"]["name"] for record in records} == {"INFO"}
+    assert {record["level"] for record in records} == {"INFO"}
 
 
 def test_log_file_is_rotated_at_log_rotation(tmp_path):

@@ -56,6 +56,24 @@ async def test_reload_adds_removes_restarts_and_leaves_the_untouched_device_and_
                 assert await receive_exactly(added_client, 9) == BEEP_ANSWER
 
 
+async def test_a_new_log_level_alone_keeps_the_device_and_its_client():
+    settings = settings_for(register("meter"))
+    async with running_proxy(settings) as running:
+        device = running.devices["meter"]
+        async with await connect(running, "meter") as holder:
+            await wait_for(device, lambda: device.state == State.BUSY)
+            new = parse(
+                {
+                    "proxy": {"status": ""},
+                    "device": [{**register("meter"), "listen": ["127.0.0.1:0"], "log_level": "TRACE"}],
+                }
+            )
+            await running.reload(new)
+            assert running.devices["meter"] is device and device.tracing
+            await holder.send_all(BEEP)
+            assert await receive_exactly(holder, 9) == BEEP_ANSWER
+
+
 async def test_a_changed_device_whose_new_port_is_taken_keeps_its_old_settings():
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
