@@ -12,6 +12,7 @@ from loguru import logger
 from proxy import accept, wire
 from proxy.config import DeviceConfig
 from proxy.device import Device, Refused
+from proxy.events import Kind
 
 
 def peer_name(stream: trio.SocketStream) -> str:
@@ -88,31 +89,40 @@ def serve_clients(device: Device, listeners: list[trio.SocketListener], nursery:
 async def handle_client(device: Device, stream: trio.SocketStream) -> None:
     """One client connection, from accept to close. Resource handling: closes `stream` before returning."""
     name = peer_name(stream)
+    # Every line about this client names its device and itself, for log_json and the per-device log_level.
+    client_log = logger.bind(device=device.name, client=name)
     async with stream:
         refusal = _admission(device, stream)
         if refusal:
             device.count_refusal(refusal[0])
-            logger.info("{}: client {} refused: {}", device.name, name, refusal[1])
+            device.events.record(Kind.REFUSED, f"{refusal[0]}: {refusal[1]}", name)
+            client_log.info(
+                "{}: client {} refused: {}", device.name, name, refusal[1], event="refused", reason=refusal[0]
+            )
             if refusal[0] != "not allowed":
                 await wire.finish(stream, device.config.busy_reply)
             return
         device.client_connected()
-        logger.info("{}: client {} connected ({} connected)", device.name, name, device.clients)
+        device.events.record(Kind.CONNECT, client=name)
+        client_log.info("{}: client {} connected ({} connected)", device.name, name, device.clients, event="connect")
         client = Client(stream, name, device.config)
         try:
             why = "disconnected"
             with client.scope:
                 why = await device.sharing.serve(client)
-            logger.info("{}: client {} {}", device.name, name, client.gone or why)
+            device.events.record(Kind.DISCONNECT, client.gone or why, name)
+            client_log.info("{}: client {} {}", device.name, name, client.gone or why, event="disconnect")
             if client.scope.cancelled_caught:
                 # Disconnected by the proxy: end our side and drain, so the close is clean, not a reset.
                 await wire.finish(stream)
         except Refused as exc:
-            logger.info("{}: client {} refused: {}", device.name, name, exc)
+            device.events.record(Kind.REFUSED, str(exc), name)
+            client_log.info("{}: client {} refused: {}", device.name, name, exc, event="refused", reason=exc.reason)
             await wire.finish(stream, device.config.busy_reply)
         except Exception:
             # A bug must cost this one client its connection, never the proxy or the other clients.
-            logger.exception("{}: client {}: unexpected error; connection closed", device.name, name)
+            device.events.record(Kind.ERROR, "unexpected error; connection closed (the log has the traceback)", name)
+            client_log.exception("{}: client {}: unexpected error; connection closed", device.name, name, event="error")
         finally:
             client.leaving("closed")
             device.client_disconnected()

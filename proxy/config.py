@@ -120,6 +120,10 @@ class DeviceConfig:
     # iec61107 on a serial device: sessions start at this rate and follow the option select's.
     iec_signon_baudrate: int = 300
     iec_baud_switch: bool = True
+    # Wait and exchange histograms of this device's own on /metrics (else it adds to the pooled ones).
+    metrics_histograms: bool = True
+    # This device's lines below it are dropped; "" = [proxy] log_level.
+    log_level: str = ""
 
     @property
     def switches_baud(self) -> bool:
@@ -143,6 +147,9 @@ class DeviceConfig:
 IDENTIFY_METHODS = ("line", "regex", "fixed", "iec61107")
 # direct_ports = "any": each new device gets a free port the system chooses.
 ANY_PORT = "any"
+# ping_after when ping_bytes are set and ping_after is not: a ping needs both, so giving the bytes alone
+# asks for a ping, after the two minutes of silence that were the default before ping_bytes had none.
+PING_AFTER_WITH_BYTES = 120.0
 # The [[device]] keys that [dialin] takes too, applied to every dial-in device.
 DIALIN_SHARING_KEYS = (
     "acquire_timeout",
@@ -155,6 +162,7 @@ DIALIN_SHARING_KEYS = (
     "allow",
     "client_write_timeout",
     "max_message",
+    "log_level",
 )
 
 
@@ -176,6 +184,7 @@ class DialinConfig:
     sharing: str = "session"
     idle_after: float = 60.0
     disconnect_after: float = 3600.0
+    # No ping unless ping_bytes are given; see PING_AFTER_WITH_BYTES.
     ping_after: float = 0.0
     ping_bytes: bytes = b""
     max_devices: int = 65000
@@ -189,6 +198,11 @@ class DialinConfig:
     allow: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     client_write_timeout: float = 10.0
     max_message: int = MAX_MESSAGE
+    # Off: every dial-in device adds its waits and exchanges to one pooled histogram, which keeps
+    # /metrics small for thousands of devices.
+    metrics_histograms: bool = False
+    # Every dial-in device's lines below it are dropped; "" = [proxy] log_level.
+    log_level: str = ""
 
     @property
     def direct_host(self) -> str:
@@ -206,6 +220,7 @@ class DialinConfig:
             sharing=self.sharing,
             listen=(Address(self.direct_host, port),),
             reconnect_interval=0.0,
+            metrics_histograms=self.metrics_histograms,
             **shared,
         )
 
@@ -402,6 +417,8 @@ def _device_table(index: int, raw: dict[str, Any], problems: _Problems) -> Devic
     table.integer("max_message", 1, MAX_MESSAGE_LIMIT)
     table.integer("iec_signon_baudrate", 1)
     table.boolean("iec_baud_switch")
+    table.boolean("metrics_histograms")
+    table.string("log_level", LOG_LEVELS)
     config = DeviceConfig(**{"name": "", **table.values})
     _check_device(table, config)
     return config if config.name else None
@@ -433,7 +450,11 @@ def _check_device(table: _Table, config: DeviceConfig) -> None:
         else:
             if address.port == 0:
                 table.fail("path", f"{config.path!r}: a device's port cannot be 0")
-    if config.type == "simulator" and config.protocol not in SIMULATED_PROTOCOLS:
+    # raw, the default protocol, has nothing to simulate: a simulator's table must name its protocol (an
+    # unknown one is reported by its own check).
+    if config.type == "simulator" and "protocol" not in raw:
+        table.fail("protocol", f"is missing (a simulator plays one of {', '.join(SIMULATED_PROTOCOLS)})")
+    elif config.type == "simulator" and raw["protocol"] in PROTOCOLS and raw["protocol"] not in SIMULATED_PROTOCOLS:
         table.fail("protocol", f"{config.protocol!r} has no simulator (simulated: {', '.join(SIMULATED_PROTOCOLS)})")
     if "listen" in table.values and not config.listen:
         table.fail("listen", "is empty: no client could reach this device")
@@ -471,6 +492,10 @@ def _dialin_table(raw: dict[str, Any], problems: _Problems) -> DialinConfig:
     table.take("allow", lambda v: isinstance(v, list), "a list of networks", _list_of(_parse_network))
     table.seconds("client_write_timeout", positive=True)
     table.integer("max_message", 1, MAX_MESSAGE_LIMIT)
+    table.boolean("metrics_histograms")
+    table.string("log_level", LOG_LEVELS)
+    if "ping_after" not in table.values and table.values.get("ping_bytes"):
+        table.values["ping_after"] = PING_AFTER_WITH_BYTES
     config = DialinConfig(**table.values)
     if not config.listen:
         table.fail("listen", "is empty: no device could connect")

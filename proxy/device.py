@@ -4,6 +4,7 @@ reads it, writes it in order, and lends it to clients through its sharing mode."
 from __future__ import annotations
 
 import enum
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
@@ -14,7 +15,8 @@ from loguru import logger
 
 from proxy import log, protocols, wire
 from proxy.config import DeviceConfig, DialinConfig
-from proxy.counters import Counters, ExchangeResult
+from proxy.counters import ExchangeResult, counters_for
+from proxy.events import DEVICE_EVENTS, DIALIN_EVENTS, Direction, EventRing, Kind, Traffic
 from proxy.links import LinkError, discard_input, open_link
 
 if TYPE_CHECKING:
@@ -39,6 +41,8 @@ class State(enum.StrEnum):
     # The device may still be answering a client that left, or a request whose answer is late: nobody
     # else gets it until the answer is complete or exchange_timeout has passed.
     SETTLING = "settling"
+    # release_port: the link is closed until a client wants it, and its last open did not fail.
+    CLOSED = "closed"
 
 
 UP_STATES = frozenset((State.IDLE, State.BUSY, State.SETTLING))
@@ -98,10 +102,13 @@ class Device:
         "clients",
         "config",
         "counters",
+        "debugging",
         "dialin",
+        "events",
         "fresh",
         "gave_up",
         "held",
+        "last_error",
         "name",
         "peer",
         "protocol",
@@ -109,6 +116,7 @@ class Device:
         "sharing",
         "state",
         "tracing",
+        "traffic",
     )
 
     def __init__(self, config: DeviceConfig, dialin: DialinConfig | None = None) -> None:
@@ -118,9 +126,15 @@ class Device:
         self.name = config.name
         self.protocol = protocols.get(config.protocol)
         self.state = State.OFFLINE
-        self.counters = Counters()
+        self.counters = counters_for(config.metrics_histograms)
         self.clients = 0
-        self.tracing = False
+        log.device_level(self.name, config.log_level)
+        self.follow_log_level()
+        # Set while a status page watches the traffic: the byte path checks it and does nothing else.
+        self.traffic: Traffic | None = None
+        self.events = EventRing(DIALIN_EVENTS if dialin is not None else DEVICE_EVENTS)
+        # When and why the link last failed to open or was lost, for the status page's last-error column.
+        self.last_error: tuple[float, str] | None = None
         framed = config.protocol != "raw"
         self.read_size = FRAMED_READ_SIZE if framed else RAW_READ_SIZE
         self.client_read_size = FRAMED_CLIENT_READ_SIZE if framed else RAW_READ_SIZE
@@ -152,6 +166,12 @@ class Device:
         self._pinged = self._idle_logged = -1.0
         self.sharing: Sharing = for_device(self)
 
+    def follow_log_level(self) -> None:
+        """Takes the device's log level anew (its own log_level, or [proxy]'s after a reload): the byte
+        path checks `tracing`, and a line per exchange `debugging`, before formatting anything."""
+        self.tracing = log.tracing(self.config.log_level)
+        self.debugging = log.debugging(self.config.log_level)
+
     @property
     def link_up(self) -> bool:
         return self._link is not None
@@ -175,7 +195,7 @@ class Device:
         reconnect_interval seconds; 0 means never retry. Anything else raised here is a bug, which the
         caller contains (proxy.app restarts the supervisor after a pause).
         """
-        self.tracing = log.tracing()
+        self.follow_log_level()
         # A nursery only where something runs beside the link (a simulator, the exchange clock): a
         # thousand dial-in devices make every nursery count. Containment: a simulator contains its own
         # failures (links.simulator); anything else that fails here is a bug, contained by the caller,
@@ -196,6 +216,8 @@ class Device:
     async def _run_configured(self, nursery: trio.Nursery) -> None:
         while True:
             if self.config.release_port:
+                if not self._last_open_error:
+                    self._set_state(State.CLOSED)
                 await self._demand.wait()
             link = await self._open(nursery)
             if link is not None:
@@ -246,7 +268,14 @@ class Device:
         open is closed, its client disconnected; one older than the one serving is closed at once.
         """
         if handover.order < self._serving_order:
-            logger.info("{}: a connection older than the one serving ({}) closed", self.name, peer)
+            logger.info(
+                "{}: a connection older than the one serving ({}) closed",
+                self.name,
+                peer,
+                device=self.name,
+                peer=peer,
+                event="connection_superseded",
+            )
             handover.on_done()
             await trio.aclose_forcefully(handover.link)
             return
@@ -267,8 +296,19 @@ class Device:
         except LinkError as exc:
             # Repeating the same failure every reconnect_interval would drown the log: say it once.
             level = "DEBUG" if str(exc) == self._last_open_error else "WARNING"
+            if level == "WARNING":
+                self.events.record(Kind.OPEN_FAILED, str(exc))
+            self.last_error = (time.time(), str(exc))
             self._last_open_error = str(exc)
-            logger.log(level, "{}: cannot open the device: {}; {}", self.name, exc, self._retry_note())
+            logger.log(
+                level,
+                "{}: cannot open the device: {}; {}",
+                self.name,
+                exc,
+                self._retry_note(),
+                device=self.name,
+                event="open_failed",
+            )
             self._set_state(State.OFFLINE)
             return None
         self._last_open_error = ""
@@ -296,6 +336,7 @@ class Device:
         self._link_close_reason = None
         # With release_port an open per client is routine, not news.
         opened = "" if self.config.release_port else f"{self.config.describe()} opened"
+        self.events.record(Kind.LINK_OPEN, f"from {self.peer}" if self.dialin is not None else self.config.describe())
         self._set_state(State.IDLE, opened)
         self.sharing.link_up()
         lost: str | None = None
@@ -313,6 +354,10 @@ class Device:
                 lost = self._link_close_reason
             if lost is not None:
                 self.counters.link_losses += 1
+                self.events.record(Kind.LINK_LOST, lost)
+                self.last_error = (time.time(), lost)
+            else:
+                self.events.record(Kind.LINK_CLOSED)
             self.sharing.link_down(lost)
             self._notify()
         return lost
@@ -331,7 +376,18 @@ class Device:
             counters.bytes_from_device += len(data)
             self._last_received = trio.current_time()
             if self.tracing:
-                logger.trace("{}: device -> {}: {}", self.name, sharing.holder or "nobody", log.hexdump(data))
+                holder = sharing.holder
+                logger.trace(
+                    "{}: device -> {}",
+                    self.name,
+                    holder or "nobody",
+                    device=self.name,
+                    client=holder,
+                    direction=log.FROM_DEVICE,
+                    **log.wire_bytes(data),
+                )
+            if self.traffic is not None:
+                self.traffic.publish(Direction.FROM_DEVICE, sharing.holder, data)
             if self.fresh and sharing.holder is None:
                 if len(self.held) + len(data) <= HELD_LIMIT:
                     self.held += data
@@ -351,7 +407,17 @@ class Device:
         if outlet is None or self._link is None:
             raise LinkLost("the link is down")
         if self.tracing:
-            logger.trace("{}: {} -> device: {}", self.name, source, log.hexdump(data))
+            logger.trace(
+                "{}: {} -> device",
+                self.name,
+                source,
+                device=self.name,
+                client=source,
+                direction=log.TO_DEVICE,
+                **log.wire_bytes(data),
+            )
+        if self.traffic is not None:
+            self.traffic.publish(Direction.TO_DEVICE, source, data)
         try:
             await outlet.send(data, deadline)
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
@@ -371,25 +437,39 @@ class Device:
         except (trio.BrokenResourceError, ValueError) as exc:
             self.reset_link(f"cannot switch to {target} baud: {exc}")
             return
-        logger.debug("{}: line at {} baud", self.name, target)
+        logger.debug("{}: line at {} baud", self.name, target, device=self.name, event="line_rate")
 
     def unsolicited(self, data: bytes) -> None:
         """Bytes from the device while nobody was owed anything: logged and dropped."""
         self.counters.unsolicited_bytes += len(data)
         self._notify()
+        if not self.debugging:
+            return  # a chatty device sends this every chunk: no hex unless someone reads it
         logger.debug(
             "{}: {} bytes from the device with no client holding it, dropped: {}",
             self.name,
             len(data),
             log.hexdump(data, 32),
+            device=self.name,
+            event="unsolicited",
+            size=len(data),
         )
 
     def discarded(self, data: bytes, whose: str) -> None:
         """Bytes of an answer whose client is gone (or after a timeout): counted, logged, dropped."""
         self.counters.discarded_bytes += len(data)
         self._notify()
+        if not self.debugging:
+            return
         logger.debug(
-            "{}: {} bytes of the answer for {} dropped: {}", self.name, len(data), whose, log.hexdump(data, 32)
+            "{}: {} bytes of the answer for {} dropped: {}",
+            self.name,
+            len(data),
+            whose,
+            log.hexdump(data, 32),
+            device=self.name,
+            event="discarded",
+            size=len(data),
         )
 
     def discard_stale(self) -> None:
@@ -405,7 +485,14 @@ class Device:
         if dropped:
             self.counters.unsolicited_bytes += dropped
             self._notify()
-            logger.debug("{}: dropped {} stale bytes before the next client", self.name, dropped)
+            logger.debug(
+                "{}: dropped {} stale bytes before the next client",
+                self.name,
+                dropped,
+                device=self.name,
+                event="stale_dropped",
+                size=dropped,
+            )
 
     # -- the link's lifecycle ----------------------------------------------------------------------
 
@@ -420,7 +507,9 @@ class Device:
     def release_link(self) -> None:
         """release_port: closes the link on purpose when nobody needs it."""
         self._demand = trio.Event()
-        self._close_link(None)
+        if self._link is not None:
+            self._close_link(None)
+            self._set_state(State.CLOSED)
 
     def demand_link(self) -> None:
         """release_port: a client wants the link; the supervisor opens it."""
@@ -451,11 +540,11 @@ class Device:
             return
         if silent >= dialin.idle_after and self._idle_logged != quiet_since:
             self._idle_logged = quiet_since
-            logger.debug("{}: idle (silent for {:.0f} s)", self.name, silent)
+            logger.debug("{}: idle (silent for {:.0f} s)", self.name, silent, device=self.name, event="idle")
         due = dialin.ping_after and silent >= dialin.ping_after and self._pinged != quiet_since
         if due and self.sharing.ping(dialin.ping_bytes, nursery):
             self._pinged = quiet_since
-            logger.debug("{}: silent for {:.0f} s; ping sent", self.name, silent)
+            logger.debug("{}: silent for {:.0f} s; ping sent", self.name, silent, device=self.name, event="ping")
 
     async def wind_down(self) -> None:
         """Before the device stops: its clients are disconnected, and it settles (at most
@@ -498,7 +587,7 @@ class Device:
         self._notify()
 
     def count_refusal(self, reason: str) -> None:
-        self.counters.refused[reason] += 1
+        self.counters.refuse(reason)
         self._notify()
 
     def refusal(self) -> Refused:
@@ -522,6 +611,14 @@ class Device:
             # A dial-in device that goes away is routine (it calls again); a configured one is news.
             trouble = state == State.OFFLINE and self.dialin is None
             retry = f"; {self._retry_note()}" if trouble else ""
-            logger.log("WARNING" if trouble else "INFO", "{}: {}{}", self.name, why, retry)
+            logger.log(
+                "WARNING" if trouble else "INFO",
+                "{}: {}{}",
+                self.name,
+                why,
+                retry,
+                device=self.name,
+                event="link_lost" if state == State.OFFLINE else "link_open",
+            )
         self.state = state
         self._notify()

@@ -256,7 +256,8 @@ async def test_release_port_opens_the_device_per_lease_and_closes_it_after(tcp_d
             assert await receive_until_closed(device_end) == b""
             await wait_for(device, lambda: device.holder is None)
         assert tcp_device.accepted == 2
-        assert device.state == State.IDLE
+        # Idle with its link closed until the next client: "closed", not offline (issue 11).
+        assert device.state == State.CLOSED
 
 
 async def test_silent_client_loses_the_device_after_idle_timeout():

@@ -26,6 +26,14 @@ class Sharing(Protocol):
     def waiting(self) -> int:
         """How many clients (or requests) wait for the device."""
 
+    @property
+    def held_since(self) -> float | None:
+        """Since when (trio's clock) the holder has had the device (exchange sharing: since its request
+        or its latest message in the exchange went), for the device's page."""
+
+    def waiters(self) -> list[tuple[str, float]]:
+        """Who waits for the device, in turn: each client's name and since when (trio's clock)."""
+
     async def run(self) -> None:
         """The mode's own task, when needs_task: its timers."""
 

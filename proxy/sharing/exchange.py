@@ -29,6 +29,7 @@ from proxy.answers import Answer, Verdict
 from proxy.config import AUTO
 from proxy.counters import ExchangeResult
 from proxy.device import BROKEN, LinkLost, State
+from proxy.events import Kind
 from proxy.protocols import NUMBERS_PER_REQUEST, Event, Frame, Junk
 
 if TYPE_CHECKING:
@@ -109,6 +110,13 @@ class ExchangeSharing:
     @property
     def waiting(self) -> int:
         return len(self._queue)
+
+    @property
+    def held_since(self) -> float | None:
+        return self._flight.answer.sent_at if self._flight is not None else None
+
+    def waiters(self) -> list[tuple[str, float]]:
+        return [(queued.client.name if queued.client else PING, queued.queued_at) for queued in self._queue]
 
     # -- the clock -------------------------------------------------------------------------------
 
@@ -204,6 +212,9 @@ class ExchangeSharing:
                 flight.name,
                 config.response_timeout,
                 config.exchange_timeout,
+                device=device.name,
+                client=flight.name,
+                event="settling",
             )
 
     async def _expire(self, now: float) -> None:
@@ -220,6 +231,7 @@ class ExchangeSharing:
         refusal = device.refusal()
         device.counters.lock_wait_seconds.observe(trio.current_time() - queued.queued_at)
         device.count_exchange(ExchangeResult.REFUSED, 0.0)
+        device.events.record(Kind.REFUSED, str(refusal), client.name)
         answer = self.config.busy_reply
         if answer == AUTO:
             answer = self.protocol.busy_answer(queued.request) or b""
@@ -229,6 +241,10 @@ class ExchangeSharing:
             client.name,
             refusal,
             "" if answer else "; closing the connection (no busy answer to give)",
+            device=device.name,
+            client=client.name,
+            event="refused",
+            reason=refusal.reason,
         )
         if not answer:
             client.done(queued)
@@ -346,11 +362,11 @@ class ExchangeSharing:
             await self._write_for_absent_host(flight, replies)
         if dropped:
             self.device.discarded(dropped, f"an earlier request (now {flight.name})")
-        if answer.complete and self._flight is flight:
-            await self._finish(flight, passed)
-        elif passed:
+        if passed:
             await self._pass_on(flight, passed)
         if answer.complete:
+            if self._flight is flight:
+                await self._finish(flight)
             return
         if answer.exchange.ends_in_silence:
             self._arm(answer.deadline())
@@ -382,16 +398,19 @@ class ExchangeSharing:
         except trio.TooSlowError:
             self.device.reset_link("the device took no byte for response_timeout")
 
-    async def _finish(self, flight: Flight, last_bytes: bytes = b"") -> None:
-        """The exchange is complete: the next request is written first, so that the device works on it
-        while the answer's `last_bytes` go to their client; then the client is told what follows the
-        answer, and the exchange is counted."""
+    async def _finish(self, flight: Flight) -> None:
+        """The exchange is complete and its answer passed on: the next request is written first, so that
+        the device works on it while the rest is done (the count, the log, what the proxy owes the client
+        after the answer).
+
+        The answer's last bytes went out before: a client that takes them at once costs the next request
+        nothing (one system call), and a slow one holds the device's reader, as it would hold a direct
+        line, before anything of the next exchange is timed.
+        """
         self._flight = None
         if self.config.switches_baud:
             await self.device.follow_line_rate(None)  # an IEC session ended: back to the sign-on rate
         await self._start_next()
-        if last_bytes:
-            await self._pass_on(flight, last_bytes)
         client, answer = flight.client, flight.answer
         if client is None:
             result = None
@@ -401,7 +420,9 @@ class ExchangeSharing:
             result = ExchangeResult.LATE if answer.late else ExchangeResult.OK
         self._log(flight, result or "ok")
         if result is not None:
-            self.device.count_exchange(result, trio.current_time() - answer.sent_at)
+            seconds = trio.current_time() - answer.sent_at
+            self.device.count_exchange(result, seconds)
+            self.device.events.record(Kind.EXCHANGE, result, flight.name, seconds)
         if client is not None:
             await client.answer(flight.queued, b"")
 
@@ -412,7 +433,9 @@ class ExchangeSharing:
         self._log(flight, f"{result} ({why})")
         if client is None:
             return
-        self.device.count_exchange(result, trio.current_time() - flight.answer.sent_at)
+        seconds = trio.current_time() - flight.answer.sent_at
+        self.device.count_exchange(result, seconds)
+        self.device.events.record(Kind.EXCHANGE, f"{result}: {why}", flight.name, seconds)
         client.done(flight.queued)
         if flight.answer.answered and not client.gone:
             # The client has part of an answer: a direct line would have dropped it here too, and its
@@ -420,17 +443,21 @@ class ExchangeSharing:
             client.client.disconnect(f"disconnected: {why} while it was receiving an answer")
 
     def _log(self, flight: Flight, result: str) -> None:
-        if not log.debugging():
+        device = self.device
+        if not device.debugging:
             return
-        logger.opt(lazy=True).debug(
+        logger.debug(
             "{}: {} exchange for {}: {} -> {} ({} bytes) in {:.3f} s",
-            lambda: self.device.name,
-            lambda: result,
-            lambda: flight.name,
-            lambda: log.hexdump(flight.queued.request.raw, 16),
-            lambda: log.hexdump(flight.answer_head, 16) or "nothing",
-            lambda: flight.answer_size,
-            lambda: trio.current_time() - flight.answer.sent_at,
+            device.name,
+            result,
+            flight.name,
+            log.hexdump(flight.queued.request.raw, 16),
+            log.hexdump(flight.answer_head, 16) or "nothing",
+            flight.answer_size,
+            trio.current_time() - flight.answer.sent_at,
+            device=device.name,
+            client=flight.name,
+            event="exchange",
         )
 
     async def _orphan(self, flight: Flight) -> None:
@@ -454,6 +481,9 @@ class ExchangeSharing:
             self.device.name,
             flight.name,
             self.config.exchange_timeout,
+            device=self.device.name,
+            client=flight.name,
+            event="settling",
         )
 
     def client_stopped_sending(self, client: ExchangeClient) -> None:
@@ -622,6 +652,10 @@ class ExchangeClient:
             len(event.raw),
             self.protocol.name,
             log.hexdump(event.raw, 32),
+            device=self.device.name,
+            client=self.name,
+            event="junk",
+            size=len(event.raw),
         )
         reply = self.protocol.reject_answer(event) if isinstance(event, Junk) else None
         if reply:

@@ -21,6 +21,7 @@ from proxy import wire
 from proxy.answers import Answer, Verdict
 from proxy.config import DeviceConfig
 from proxy.device import BROKEN, LinkLost, Refused, State
+from proxy.events import Kind
 from proxy.protocols import DeviceProtocol, Event
 from proxy.protocols.raw import RawExchange
 
@@ -203,6 +204,7 @@ class Lease:
         self.scope = trio.CancelScope()
         self.ended: str | None = None
         self.link_lost = False
+        self.since = trio.current_time()
         # The reader waits for the client to take a chunk: the device is not read meanwhile, so its
         # silence says nothing about the end of an answer.
         self.delivering = False
@@ -223,7 +225,7 @@ class SessionSharing:
     """The device's FIFO lock and the lease that holds it."""
 
     needs_task = False
-    __slots__ = ("_lease", "_lock", "_stopping", "_waiting", "config", "device")
+    __slots__ = ("_lease", "_lock", "_stopping", "_waiters", "config", "device")
 
     def __init__(self, device: Device) -> None:
         self.device = device
@@ -232,7 +234,8 @@ class SessionSharing:
         # owning-task rule: a ping's lease is released by its own short task.
         self._lock = trio.Semaphore(1)
         self._lease: Lease | None = None
-        self._waiting = 0
+        # The clients waiting for their turn, in arrival order, with since when.
+        self._waiters: dict[Client, float] = {}
         self._stopping = False
 
     @property
@@ -241,7 +244,14 @@ class SessionSharing:
 
     @property
     def waiting(self) -> int:
-        return self._waiting
+        return len(self._waiters)
+
+    @property
+    def held_since(self) -> float | None:
+        return self._lease.since if self._lease is not None else None
+
+    def waiters(self) -> list[tuple[str, float]]:
+        return [(client.name, since) for client, since in self._waiters.items()]
 
     async def run(self) -> None:
         """Session sharing needs no task of its own: each client's task keeps its own time."""
@@ -273,7 +283,7 @@ class SessionSharing:
             self._lock.acquire_nowait()
         else:
             try:
-                await self._wait_for_turn()
+                await self._wait_for_turn(client)
             except Refused:
                 device.counters.lock_wait_seconds.observe(trio.current_time() - started)
                 raise
@@ -287,14 +297,23 @@ class SessionSharing:
         device.counters.leases_granted += 1
         device.counters.lock_wait_seconds.observe(waited)
         device.set_state(State.BUSY)
-        logger.info("{}: {} holds the device (waited {:.2f} s)", device.name, client.name, waited)
+        device.events.record(Kind.LEASE, client=client.name, seconds=waited)
+        logger.info(
+            "{}: {} holds the device (waited {:.2f} s)",
+            device.name,
+            client.name,
+            waited,
+            device=device.name,
+            client=client.name,
+            event="lease",
+        )
         return lease
 
-    async def _wait_for_turn(self) -> None:
+    async def _wait_for_turn(self, client: Client) -> None:
         """Waits, in arrival order, for the lock and an open link; Refused after acquire_timeout."""
         device = self.device
         holding = granted = False
-        self._waiting += 1
+        self._waiters[client] = trio.current_time()
         device.notify()
         try:
             with trio.move_on_after(self.config.acquire_timeout):
@@ -310,7 +329,7 @@ class SessionSharing:
                     await device.changed()
                 granted = device.link_up
         finally:
-            self._waiting -= 1
+            del self._waiters[client]
             device.notify()
             if holding and not granted:
                 self._lock.release()
@@ -387,6 +406,9 @@ class SessionSharing:
                     self.device.name,
                     lease.name,
                     limit,
+                    device=self.device.name,
+                    client=lease.name,
+                    event="exchange_abandoned",
                 )
                 await self._write_for_absent_host(lease, replies)
                 await self.device.follow_line_rate(tracker.line_rate)
@@ -490,6 +512,9 @@ class SessionSharing:
                 device.name,
                 lease.name,
                 self.device.protocol.request_byte_timeout,
+                device=device.name,
+                client=lease.name,
+                event="settling",
             )
             await trio.sleep_until(dropped_at)
         if tracker.pending() is None:
@@ -510,6 +535,9 @@ class SessionSharing:
                 device.name,
                 lease.name,
                 self.config.exchange_timeout,
+                device=device.name,
+                client=lease.name,
+                event="settling",
             )
         waited = False
         while (answer := tracker.pending()) is not None and device.link_up:
@@ -537,13 +565,23 @@ class SessionSharing:
         """Gives the device to the next waiter; any task may call it, once per lease."""
         device = self.device
         self._lease = None
+        if lease.name != PING:
+            device.events.record(Kind.RELEASE, client=lease.name)
         device.set_state(State.IDLE)
         if self.config.release_port:
             device.release_link()
         self._lock.release()
         device.notify()
         level = "DEBUG" if lease.name == PING else "INFO"
-        logger.log(level, "{}: {} released the device", device.name, lease.name)
+        logger.log(
+            level,
+            "{}: {} released the device",
+            device.name,
+            lease.name,
+            device=device.name,
+            client=lease.name,
+            event="release",
+        )
 
     # -- the link, the status API, pings ---------------------------------------------------------
 
@@ -599,7 +637,9 @@ class SessionSharing:
                 return
             await self._settle(lease, delivering=False)
         except Exception:
-            logger.exception("{}: the ping failed unexpectedly", self.device.name)
+            logger.exception(
+                "{}: the ping failed unexpectedly", self.device.name, device=self.device.name, event="error"
+            )
         finally:
             self._release(lease)
 

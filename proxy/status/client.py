@@ -8,7 +8,7 @@ import urllib.request
 from typing import Any
 
 COLUMNS = (
-    ("name", "DEVICE"),
+    ("id", "DEVICE"),
     ("state", "STATE"),
     ("holder", "HOLDER"),
     ("waiting", "WAITING"),
@@ -18,6 +18,7 @@ COLUMNS = (
     ("exchanges", "EXCHANGES"),
     ("refused", "REFUSED"),
     ("listen", "LISTEN"),
+    ("last_error", "LAST ERROR"),
 )
 
 
@@ -49,6 +50,10 @@ def table(devices: list[dict[str, Any]]) -> str:
         row = []
         for field, _ in COLUMNS:
             value = device.get(field)
+            if field == "id":
+                name = device.get("name")
+                # A dial-in device's name beside its id (and a proxy older than ids shows its names).
+                value = name if value is None else value if name in (None, value) else f"{value} ({name})"
             row.append(", ".join(value) if isinstance(value, list) else "-" if value is None else str(value))
         rows.append(row)
     widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS))]

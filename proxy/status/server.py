@@ -1,22 +1,28 @@
-"""The status server's HTTP/1.1 side, on h11: routes, bearer token, limits; no HTTP parsed by hand."""
+"""The status server's HTTP/1.1 side, on h11: routes, logins, limits, and the live traffic stream (Server-
+Sent Events); no HTTP parsed by hand."""
 
 from __future__ import annotations
 
-import hmac
+import gzip
 import json
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from http import HTTPStatus
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import parse_qs, unquote, urlencode, urlsplit
 
 import attrs
 import h11
 import trio
 from loguru import logger
 
-from proxy import accept, wire
+from proxy import accept, events, wire
+from proxy.clients import peer_name
+from proxy.config import Address
 from proxy.device import Device
-from proxy.status import metrics, page
-from proxy.status.snapshot import FIELDS, device_snapshot
+from proxy.events import TrafficLine
+from proxy.status import auth, device_page, metrics, page
+from proxy.status.html import content_security_policy
+from proxy.status.listing import Query, ordered, select
+from proxy.status.snapshot import Entry, device_snapshot, entries, event_snapshot, find, traffic_snapshot
 
 # A request whose head or body is larger than this is refused: the API takes no real bodies.
 MAX_REQUEST = 16 * 1024
@@ -29,6 +35,15 @@ RESPONSE_TIMEOUT = 10.0
 MAX_CONNECTIONS = 64
 READ_SIZE = 16 * 1024
 JSON = "application/json"
+HTML = "text/html; charset=utf-8"
+# Live traffic views open at once, of all devices: each holds a connection for as long as its page is
+# open, and the page and the API must keep connections to answer with.
+MAX_STREAMS = 16
+# A live view with nothing to say sends a comment this often, so that a browser that went away without
+# closing is found (its write fails) and its view ends.
+KEEPALIVE = 15.0
+
+Send = Callable[[bytes], Awaitable[None]]
 
 
 @attrs.frozen
@@ -37,6 +52,9 @@ class Response:
     body: bytes
     content_type: str = JSON
     headers: tuple[tuple[str, str], ...] = ()
+    # A response that goes on (Server-Sent Events): called with a function that sends a piece of it, after
+    # the head; when it returns, the response ends and the connection closes.
+    stream: Callable[[Send], Awaitable[None]] | None = None
 
 
 def _json(status: int, value: object) -> Response:
@@ -47,14 +65,26 @@ def _error(status: int, message: str, *headers: tuple[str, str]) -> Response:
     return Response(status, json.dumps({"error": message}).encode() + b"\n", JSON, headers)
 
 
+def _page(text: str, status: int = 200, *headers: tuple[str, str], script: str = "") -> Response:
+    """An HTML page, with the policy that allows only its own style and script."""
+    policy = ("content-security-policy", content_security_policy(script))
+    return Response(status, text.encode(), HTML, (policy, ("referrer-policy", "same-origin"), *headers))
+
+
+def _redirect(location: str, *headers: tuple[str, str]) -> Response:
+    """See other: the browser GETs `location` (after a form, or to the login form)."""
+    return Response(303, b"", "text/plain; charset=utf-8", (("location", location), *headers))
+
+
 class StatusServer:
     """Answers HTTP requests about the devices that `devices()` returns, with their listen addresses."""
 
-    def __init__(self, devices: Callable[[], dict[str, tuple[Device, list]]], token: str) -> None:
+    def __init__(self, devices: Callable[[], dict[str, tuple[Device, list[Address]]]], token: str) -> None:
         self._devices = devices
-        self._token = f"Bearer {token}".encode() if token else b""
+        self._sessions = auth.Sessions(token)
         self._connections = 0
         self._refusing = False
+        self._streams = 0
 
     async def serve(
         self, listeners: list[trio.SocketListener], *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
@@ -109,11 +139,14 @@ class StatusServer:
                 return
             method, target, headers, body = request
             try:
-                response = self.route(method, target, headers, body)
+                response = self.route(method, target, headers, body, peer_name(stream))
             except Exception:
                 # A bug in one page must not cost the proxy anything: this request gets a 500.
                 logger.exception("status: {} {} failed", method, target[:200])
                 response = _error(500, "internal error; the proxy's log has the details")
+            if response.stream is not None:
+                await self._stream(stream, connection, response.stream)
+                return
             await self._send(stream, connection, response, close=False)
             if connection.our_state is h11.MUST_CLOSE or connection.their_state is h11.MUST_CLOSE:
                 return
@@ -159,6 +192,7 @@ class StatusServer:
             ("content-type", response.content_type),
             ("content-length", str(len(response.body))),
             ("cache-control", "no-store"),
+            ("x-content-type-options", "nosniff"),
             *response.headers,
         ]
         if close:
@@ -169,16 +203,54 @@ class StatusServer:
         if close:
             await wire.finish(stream, data)
             return
-        with trio.move_on_after(RESPONSE_TIMEOUT) as timer:
-            await stream.send_all(data)
-        if timer.cancelled_caught:
-            logger.debug("status: dropped a client that took no byte of its response for {:g} s", RESPONSE_TIMEOUT)
-            raise trio.BrokenResourceError("the client took no byte of its response")
+        await _send_in_time(stream, data)
+
+    async def _stream(
+        self, stream: trio.SocketStream, connection: h11.Connection, body: Callable[[Send], Awaitable[None]]
+    ) -> None:
+        """A response that goes on until `body` returns, the client leaves, or the server stops.
+
+        Error handling: a client that takes no byte for RESPONSE_TIMEOUT is dropped like any other
+        (trio.BrokenResourceError, which ends the connection quietly).
+        """
+        headers = [
+            ("content-type", "text/event-stream; charset=utf-8"),
+            ("cache-control", "no-store"),
+            ("x-content-type-options", "nosniff"),
+            ("connection", "close"),
+        ]
+        # No content-length: h11 sends the body chunked (HTTP/1.1) or until the close (HTTP/1.0).
+        await _send_in_time(stream, connection.send(h11.Response(status_code=200, headers=headers, reason=b"OK")))
+
+        async def send(data: bytes) -> None:
+            await _send_in_time(stream, connection.send(h11.Data(data=data)))
+
+        left = False
+
+        async def until_closed() -> None:
+            # A browser that leaves closes the connection: the view ends now, not at its next write.
+            # What a client sends on an event stream means nothing; a reset ends the connection.
+            nonlocal left
+            while await stream.receive_some(READ_SIZE):
+                pass
+            left = True
+            nursery.cancel_scope.cancel()
+
+        self._streams += 1
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(until_closed)
+                await body(send)
+                nursery.cancel_scope.cancel()
+        finally:
+            self._streams -= 1
+        if not left:
+            await _send_in_time(stream, connection.send(h11.EndOfMessage()))
 
     # -- routes ----------------------------------------------------------------------------------
 
-    def route(self, method: str, target: str, headers: dict[str, str], body: bytes) -> Response:
-        """The response to one request."""
+    def route(self, method: str, target: str, headers: dict[str, str], body: bytes, peer: str = "") -> Response:
+        """The response to one request from `peer`."""
         try:
             url = urlsplit(target)
         except ValueError as exc:
@@ -188,33 +260,105 @@ class StatusServer:
         path = "/".join(parts)
         if path == "/healthz":
             return Response(200, b"ok\n", "text/plain; charset=utf-8") if method == "GET" else _not_allowed("GET")
-        if self._token and not hmac.compare_digest(headers.get("authorization", "").encode(), self._token):
-            return _error(401, "this status server wants Authorization: Bearer TOKEN", ("www-authenticate", "Bearer"))
-        devices = self._devices()
+        if method == "POST" and (why := auth.cross_site(headers)) is not None:
+            logger.info("status: refused a POST to {} from {}: {}", path[:200], peer, why)
+            return _error(403, f"refused: this request comes from another site ({why})")
+        if path == "/login":
+            return self._login(method, url.query, headers, body, peer)
+        if path == "/logout":
+            if method != "POST":
+                return _not_allowed("POST")
+            self._sessions.end(headers)
+            return _redirect("/login" if self._sessions.required else "/", ("set-cookie", auth.expired_cookie()))
+        if not self._sessions.authorized(headers):
+            if method == "GET" and (path == "/" or parts[:2] == ["", "devices"]):
+                return _redirect("/login?" + urlencode({"next": target}))
+            return _error(
+                401,
+                "this status server wants Authorization: Bearer TOKEN (or a login at /login)",
+                ("www-authenticate", "Bearer"),
+            )
+        logout = self._sessions.required and self._sessions.session(headers) is not None
+        listed = entries(self._devices().values())
         if path == "/":
             if method != "GET":
                 return _not_allowed("GET")
-            hidden = set(parse_qs(url.query).get("hide", [])) & set(FIELDS)
-            snapshots = [device_snapshot(device, listen) for device, listen in devices.values()]
-            return Response(200, page.render(snapshots, hidden).encode(), "text/html; charset=utf-8")
+            listing = select(list(listed.values()), Query.parse(url.query))
+            return _page(page.render(listing, logout=logout))
         if path == "/metrics":
             if method != "GET":
                 return _not_allowed("GET")
-            return Response(200, metrics.exposition(lambda: [d for d, _ in devices.values()]), metrics.CONTENT_TYPE)
+            exposed = metrics.exposition(lambda: list(listed.values()))
+            if not _accepts_gzip(headers):
+                return Response(200, exposed, metrics.CONTENT_TYPE)
+            # Prometheus asks for gzip: thousands of devices' series shrink about tenfold for a few ms.
+            compressed = gzip.compress(exposed, compresslevel=1)
+            encoding = (("content-encoding", "gzip"), ("vary", "accept-encoding"))
+            return Response(200, compressed, metrics.CONTENT_TYPE, encoding)
         if path == "/api/devices":
             if method != "GET":
                 return _not_allowed("GET")
-            return _json(200, [device_snapshot(device, listen) for device, listen in devices.values()])
+            chosen = ordered(list(listed.values()), Query.parse(url.query))
+            return _json(200, [device_snapshot(entry.device, entry.listen, entry.key) for entry in chosen])
+        if len(parts) == 3 and parts[:2] == ["", "devices"] and parts[2]:
+            entry = find(listed, parts[2])
+            if entry is None:
+                return _error(404, f"no device {parts[2]!r}")
+            if method != "GET":
+                return _not_allowed("GET")
+            return _page(device_page.render(entry, logout=logout), script=device_page.SCRIPT)
         if len(parts) in (4, 5) and parts[:3] == ["", "api", "devices"] and parts[3]:
-            name = parts[3]
-            if name not in devices:
-                return _error(404, f"no device {name!r}")
-            device, listen = devices[name]
-            if len(parts) == 4:
-                return _json(200, device_snapshot(device, listen)) if method == "GET" else _not_allowed("GET")
-            if parts[4] == "disconnect":
-                return self._disconnect(device) if method == "POST" else _not_allowed("POST")
+            entry = find(listed, parts[3])
+            if entry is None:
+                return _error(404, f"no device {parts[3]!r}")
+            return self._device_api(method, entry, parts[4] if len(parts) == 5 else "", headers)
         return _error(404, f"no such page: {path}")
+
+    def _device_api(self, method: str, entry: Entry, what: str, headers: dict[str, str]) -> Response:
+        """/api/devices/KEY and what is under it."""
+        device = entry.device
+        if what == "disconnect":
+            if method != "POST":
+                return _not_allowed("POST")
+            response = self._disconnect(device)
+            if "text/html" in headers.get("accept", ""):
+                # The device page's button: back to the page, which shows what happened.
+                return _redirect(page.device_link(entry.key))
+            return response
+        if method != "GET":
+            return _not_allowed("GET")
+        if what == "":
+            return _json(200, device_snapshot(device, entry.listen, entry.key))
+        if what == "events":
+            return _json(200, [event_snapshot(event) for event in device.events.recent()])
+        if what == "traffic":
+            if self._streams >= MAX_STREAMS:
+                return _error(503, f"{MAX_STREAMS} live traffic views are open; close one first")
+            if device.traffic is not None and len(device.traffic.subscribers) >= events.MAX_SUBSCRIBERS:
+                return _error(503, f"{events.MAX_SUBSCRIBERS} live views of {entry.key} are open; close one first")
+            return Response(200, b"", stream=lambda send: self._traffic(device, send))
+        return _error(404, f"no such page under /api/devices/{entry.key}")
+
+    def _login(self, method: str, query: str, headers: dict[str, str], body: bytes, peer: str) -> Response:
+        """The login form (GET) and its answer (POST): a session cookie, then back to where the browser was
+        going."""
+        sessions = self._sessions
+        if method == "GET":
+            target = auth.local_path(_field(query, "next"))
+            if not sessions.required or sessions.session(headers) is not None:
+                return _redirect(target)
+            return _page(page.login(target, failed=False))
+        if method != "POST":
+            return _not_allowed("GET, POST")
+        form = body.decode("utf-8", "replace")
+        target = auth.local_path(_field(form, "next"))
+        if not sessions.required:
+            return _redirect(target)
+        if not sessions.token_matches(_field(form, "token")):
+            logger.info("status: a login from {} failed (not the status token)", peer)
+            return _page(page.login(target, failed=True), 401)
+        logger.info("status: {} logged in", peer)
+        return _redirect(target, ("set-cookie", auth.session_cookie(sessions.start())))
 
     def _disconnect(self, device: Device) -> Response:
         holder = device.sharing.disconnect_holder()
@@ -222,6 +366,62 @@ class StatusServer:
             return _error(409, f"no client holds {device.name}")
         logger.info("{}: status API disconnected {}", device.name, holder)
         return _json(200, {"disconnected": holder})
+
+    async def _traffic(self, device: Device, send: Send) -> None:
+        """Streams `device`'s traffic as Server-Sent Events until the client leaves or the device is
+        stopped: "traffic" events (hex and text of each chunk, its direction and client), and "dropped"
+        events saying how many lines a slow client missed. The device's bytes never wait for it."""
+        try:
+            with events.subscribed(device) as subscriber:
+                await send(b": devproxy live traffic\n\n")
+                while True:
+                    taken = None
+                    with trio.move_on_after(KEEPALIVE):
+                        taken = await subscriber.take()
+                    if taken is not None:
+                        await send(_events(*taken))
+                        continue
+                    if not any(running is device for running, _ in self._devices().values()):
+                        return  # stopped (a reload removed or changed it): nothing more will come
+                    await send(b": keepalive\n\n")
+        except events.TooManySubscribers:
+            return
+
+
+def _events(lines: list[TrafficLine], dropped: int) -> bytes:
+    """Traffic lines as Server-Sent Events; the lines dropped came after these, so they are said last."""
+    text = "".join(f"event: traffic\ndata: {json.dumps(traffic_snapshot(line))}\n\n" for line in lines)
+    if dropped:
+        text += f"event: dropped\ndata: {json.dumps({'dropped': dropped})}\n\n"
+    return text.encode()
+
+
+def _accepts_gzip(headers: dict[str, str]) -> bool:
+    """The client takes a gzip body (Accept-Encoding names gzip, and not with q=0)."""
+    for part in headers.get("accept-encoding", "").split(","):
+        coding, _, parameters = part.partition(";")
+        if coding.strip().lower() == "gzip":
+            return parameters.replace(" ", "").lower() not in ("q=0", "q=0.0", "q=0.00", "q=0.000")
+    return False
+
+
+def _field(form: str, name: str) -> str:
+    """A field of a query string or a form body (the last one given), or ""."""
+    try:
+        values = parse_qs(form, max_num_fields=20).get(name)
+    except ValueError:  # more fields than any form of ours has
+        return ""
+    return values[-1] if values else ""
+
+
+async def _send_in_time(stream: trio.SocketStream, data: bytes) -> None:
+    """Sends `data`; a client that takes no byte of it for RESPONSE_TIMEOUT is dropped
+    (trio.BrokenResourceError): it must not keep a descriptor."""
+    with trio.move_on_after(RESPONSE_TIMEOUT) as timer:
+        await stream.send_all(data)
+    if timer.cancelled_caught:
+        logger.debug("status: dropped a client that took no byte of its response for {:g} s", RESPONSE_TIMEOUT)
+        raise trio.BrokenResourceError("the client took no byte of its response")
 
 
 def _not_allowed(allowed: str) -> Response:
