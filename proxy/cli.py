@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from proxy import config
 from proxy.config import Address, ConfigError, ProxyConfig, Settings, parse_address
@@ -21,6 +22,28 @@ from proxy.config import Address, ConfigError, ProxyConfig, Settings, parse_addr
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_CONFIG = 2
+# send: the exchange worked and the device answered with an error of its own (busy, wrong password).
+EXIT_DEVICE = 3
+# What a shell reports for a program that SIGINT or SIGPIPE ended: 128 + the signal's number.
+EXIT_INTERRUPTED = 128 + signal.SIGINT
+EXIT_CLOSED_PIPE = 128 + signal.SIGPIPE
+USES_CONFIG = ("run", "check", "status", "devices")
+CONFIG_HELP = "settings file (default: $DEVPROXY_CONFIG, else ./settings.toml)"
+EPILOG = """\
+-c PATH may come before or after the command and its action (devproxy devices list -c PATH).
+
+exit codes:
+  0    done
+  1    failed: a device, proxy, registry or file could not be reached, read or written
+  2    a config or usage error: nothing was done
+  3    send: the device answered with an error of its own (busy, wrong password)
+  130  interrupted (Ctrl-C); run and simulate stop cleanly on Ctrl-C and exit 0
+  141  the reader closed the pipe (devproxy status | head -3): the rest is not written
+
+examples:
+  devproxy check -c settings.toml
+  devproxy send 127.0.0.1:8000 --protocol custom --command beep
+  devproxy COMMAND --help"""
 
 
 def default_config_path() -> str:
@@ -35,76 +58,270 @@ def _address(text: str) -> Address:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds >= 0")
+    return value
+
+
+def _byte(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 <= value <= 0xFF:
+        raise argparse.ArgumentTypeError(f"{value} is not in 0-255")
+    return value
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with a usage error on one line that names --help, instead of a usage block and the error."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_CONFIG, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+class _Version(argparse.Action):
+    """--version: the installed package's version, read from its metadata only when asked.
+
+    Importing importlib.metadata takes longer than all the rest of `devproxy --help`.
+    """
+
+    def __init__(self, option_strings: list[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, nargs=0, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: object) -> NoReturn:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            text = version("devproxy")
+        except PackageNotFoundError:
+            text = "(not installed: run `pip install -e .` for its version)"
+        print(f"devproxy {text}")
+        parser.exit(EXIT_OK)
+
+
+def _command(
+    group: argparse._SubParsersAction, name: str, summary: str, description: str, examples: str
+) -> argparse.ArgumentParser:
+    """A subcommand whose --help shows its description and examples as written (wrapped by hand)."""
+    return group.add_parser(
+        name,
+        help=summary,
+        description=description,
+        epilog=f"examples:\n{examples}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+
+
+def _add_config_option(parser: argparse.ArgumentParser) -> None:
+    # SUPPRESS: argparse copies a subcommand's defaults over what the parser before it read, so a
+    # default here would erase `devproxy -c X devices list`'s X; unset, the top level's None stays.
+    parser.add_argument("-c", "--config", default=argparse.SUPPRESS, metavar="PATH", help=CONFIG_HELP)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="devproxy", description="Share serial and TCP devices between clients.")
+    parser = _Parser(
+        prog="devproxy",
+        description="Share serial and TCP devices (fiscal registers, meters, payment systems) between clients.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action=_Version, help="print the installed version and exit")
+    parser.add_argument("-c", "--config", default=None, metavar="PATH", help=f"{CONFIG_HELP}; also after COMMAND")
     commands = parser.add_subparsers(dest="subcommand", required=True, metavar="COMMAND")
 
-    for name, help_text in (("run", "run the proxy in the foreground"), ("check", "validate the config")):
-        sub = commands.add_parser(name, help=help_text)
-        sub.add_argument(
-            "-c",
-            "--config",
-            default=None,
-            help="settings file (default: $DEVPROXY_CONFIG or ./settings.toml)",
-        )
+    run = _command(
+        commands,
+        "run",
+        "run the proxy in the foreground",
+        "Runs the proxy in the foreground until SIGINT (Ctrl-C) or SIGTERM, which close clients and links\n"
+        "and exit 0; SIGHUP reloads the settings. A config error or a port that cannot be bound exits 2\n"
+        "before anything is served.",
+        "  devproxy run\n  devproxy run -c /etc/devproxy/settings.toml",
+    )
+    _add_config_option(run)
+    check = _command(
+        commands,
+        "check",
+        "validate the config",
+        "Validates the settings and prints what `run` would start: exit 0, or 2 with every problem,\n"
+        "each naming its table, key and value.",
+        "  devproxy check -c settings.toml",
+    )
+    _add_config_option(check)
 
-    simulate = commands.add_parser("simulate", help="run a simulated device on a pty or a TCP port")
+    simulate = _command(
+        commands,
+        "simulate",
+        "run a simulated device on a pty or a TCP port",
+        "A simulated device until SIGINT or SIGTERM: on a new pseudo-terminal (LINK becomes a symlink\n"
+        "to it), or on a TCP port with a device of its own for each connection (port 0 picks a free\n"
+        "port and prints it). The fault options make it slow, NAK, drop answers or answer busy.",
+        "  devproxy simulate custom --pty /tmp/ttyFPTR\n"
+        "  devproxy simulate shtrih --listen 127.0.0.1:0 --delay 2 --busy",
+    )
     simulate.add_argument("protocol", choices=config.SIMULATED_PROTOCOLS)
     where = simulate.add_mutually_exclusive_group(required=True)
     where.add_argument("--pty", metavar="LINK", type=Path, help="make a pseudo-terminal; LINK becomes a symlink to it")
     where.add_argument("--listen", metavar="HOST:PORT", type=_address, help="accept hosts on this TCP address")
-    simulate.add_argument("--delay", type=float, default=0.0, metavar="S", help="seconds before each answer")
+    simulate.add_argument("--delay", type=_seconds, default=0.0, metavar="S", help="seconds before each answer")
     simulate.add_argument("--nak-every", type=int, default=0, metavar="N", help="NAK every Nth frame")
     simulate.add_argument("--drop-every", type=int, default=0, metavar="N", help="never answer every Nth frame")
     simulate.add_argument("--busy", action="store_true", help="answer every command with the busy error")
     simulate.add_argument(
-        "--reaction-time", type=float, default=None, metavar="S", help="iec61107: least time before an answer (0.2)"
+        "--reaction-time", type=_seconds, default=None, metavar="S", help="iec61107: least time before an answer (0.2)"
     )
 
-    send = commands.add_parser("send", help="send one request in a device's protocol and print the answer")
+    send = _command(
+        commands,
+        "send",
+        "send one request in a device's protocol and print the answer",
+        "Plays one exchange in a device's protocol, through the proxy or straight to the device, and\n"
+        "prints each step as it happens and the decoded answer. Exit 0: the device answered OK; 1: the\n"
+        "exchange failed (no connection, timeout, NAK, bad checksum, connection closed); 2: the options\n"
+        "make no request of the protocol (the error names the choices); 3: the device answered with an\n"
+        "error of its own (busy, wrong password), decoded where the protocol says how.",
+        "  devproxy send 127.0.0.1:8000 --protocol custom --command beep\n"
+        "  devproxy send 127.0.0.1:8001 --protocol shtrih --password 30\n"
+        "  devproxy send 127.0.0.1:8002 --protocol energomera-ce --command 0120 --address 46950\n"
+        "  devproxy send 127.0.0.1:8003 --protocol iec61107 --read VOLTA\n"
+        "  devproxy send 127.0.0.1:8000 --protocol custom --hex '01 05 00 13 3f 42 0f 00 a8'",
+    )
     send.add_argument("address", metavar="HOST:PORT", type=_address)
     send.add_argument("--protocol", required=True, choices=config.SIMULATED_PROTOCOLS)
     send.add_argument("--hex", help="the request frame as hex bytes, sent as it is")
     send.add_argument("--command", help="custom: beep, status, read-vat; shtrih: short-status; energomera-ce: 0120")
     send.add_argument("--password", type=int, help="the device's password (each protocol has its default)")
     send.add_argument("--keys", help="dle: key codes, e.g. 1,2,75; coges: keys, e.g. ENT,2,9")
-    send.add_argument("--id", type=int, default=1, help="dle: the register's node ID (default 1)")
-    send.add_argument("--num", type=int, default=1, help="dle: the message number NUM (default 1)")
+    send.add_argument("--id", type=_byte, default=1, help="dle: the register's node ID (default 1)")
+    send.add_argument("--num", type=_byte, default=1, help="dle: the message number NUM (default 1)")
     send.add_argument("--price", type=int, help="coges: set a price")
     send.add_argument("--manager-code", help="coges: a 4- or 8-digit manager code")
     send.add_argument("--address", dest="meter_address", help="energomera-ce: the meter's address; iec61107: its ID")
     send.add_argument("--read", metavar="NAME", help="iec61107: the parameter to read, e.g. VOLTA")
-    send.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the whole answer")
-    importer = commands.add_parser("import", help="convert another gateway's configuration to settings.toml")
+    send.add_argument("--timeout", type=_seconds, default=10.0, help="seconds to wait for the whole answer")
+
+    importer = _command(
+        commands,
+        "import",
+        "convert another gateway's configuration to settings.toml",
+        "Converts ECRService's config.xml or CENCn's appsettings.json to settings.toml, and lists on\n"
+        "stderr every setting it cannot map, with the reason. It never overwrites a file without --force;\n"
+        "-o - writes to stdout.",
+        "  devproxy import ecrservice 'C:\\ProgramData\\ECRService\\config.xml' -o settings.toml\n"
+        "  devproxy import cencn appsettings.json -o -",
+    )
     importer.add_argument("kind", choices=("ecrservice", "cencn"), help="the gateway the file comes from")
     importer.add_argument("file", type=Path)
-    importer.add_argument("-o", "--output", type=Path, default=Path("settings.toml"), help="default ./settings.toml")
+    importer.add_argument(
+        "-o", "--output", default="settings.toml", metavar="PATH", help="default ./settings.toml; - for stdout"
+    )
     importer.add_argument("--force", action="store_true", help="overwrite the output file if it exists")
 
-    devices = commands.add_parser("devices", help="the registry of dial-in devices")
-    devices.add_argument("-c", "--config", default=None, help="settings file with the [dialin] table")
+    devices = _command(
+        commands,
+        "devices",
+        "the registry of dial-in devices",
+        "The registry of dial-in devices, the file [dialin] registry names. It works while the proxy is\n"
+        "stopped: a running proxy holds the registry, and devices then register as they connect.",
+        "  devproxy devices list -c settings.toml\n  devproxy devices -c settings.toml add 009210 --name 'Meter 1'",
+    )
+    _add_config_option(devices)
     actions = devices.add_subparsers(dest="action", required=True, metavar="ACTION")
-    listing = actions.add_parser("list", help="every registered device")
-    listing.add_argument("--json", action="store_true")
-    add = actions.add_parser("add", help="register a device")
+    listing = _command(
+        actions,
+        "list",
+        "every registered device",
+        "Every registered device with its direct port, when it was last seen and from where; --json\n"
+        "prints every field the registry keeps.",
+        "  devproxy devices list\n  devproxy devices list --json -c settings.toml",
+    )
+    listing.add_argument("--json", action="store_true", help="print the devices as JSON")
+    add = _command(
+        actions,
+        "add",
+        "register a device",
+        "Registers a device ID with a direct port, where clients reach it once it dials in.",
+        "  devproxy devices add 009210\n  devproxy devices add 009210 --port 7510 --name 'Meter 1'",
+    )
     add.add_argument("id")
     add.add_argument("--port", type=int, help="its direct port (default: the lowest free one)")
     add.add_argument("--name", default="", help="a name for the status page")
-    remove = actions.add_parser("remove", help="forget a device")
+    remove = _command(
+        actions,
+        "remove",
+        "forget a device",
+        "Forgets a registered device and frees its direct port.",
+        "  devproxy devices remove 009210",
+    )
     remove.add_argument("id")
-    from_export = actions.add_parser("import", help="register the devices of a CE NetConnection export (CSV or XLSX)")
+    from_export = _command(
+        actions,
+        "import",
+        "register the devices of a CE NetConnection export (CSV or XLSX)",
+        "Registers the devices of a CE NetConnection 4.x export (CSV or XLSX) with their ports, and\n"
+        "prints what it added and what it skipped and why.",
+        "  devproxy devices import devices.xlsx -c settings.toml",
+    )
     from_export.add_argument("file", type=Path)
+    for action in (listing, add, remove, from_export):
+        _add_config_option(action)
 
-    status = commands.add_parser("status", help="the device table of a running proxy")
+    status = _command(
+        commands,
+        "status",
+        "the device table of a running proxy",
+        "The device table of a running proxy, read from its status server: --url, else the config's\n"
+        "[proxy] status, else 127.0.0.1:8600. Exit 1 with the reason when it cannot be read.",
+        '  devproxy status\n  devproxy status --url 10.0.0.5:8600 --token "$TOKEN" --json',
+    )
     status.add_argument("--url", help="the status server (default: [proxy] status of the config, or 127.0.0.1:8600)")
     status.add_argument("--json", action="store_true", help="print the JSON the API returns")
     status.add_argument("--token", help="bearer token (default: $DEVPROXY_STATUS_TOKEN, or the config's)")
-    status.add_argument("-c", "--config", default=None, help="settings file to take the address and token from")
+    _add_config_option(status)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """The devproxy command; returns its exit code.
+
+    Ctrl-C ends any command without a traceback (exit 130; run and simulate catch SIGINT themselves
+    and stop cleanly, exit 0), and a reader that closes the pipe (`devproxy status | head -3`) ends it
+    quietly, as it ends a Unix tool.
+    """
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.config is not None and args.subcommand not in USES_CONFIG:
+        commands = f"{', '.join(USES_CONFIG[:-1])} and {USES_CONFIG[-1]}"
+        parser.error(f"-c/--config is for {commands}; {args.subcommand} takes no settings file")
+    try:
+        code = _dispatch(args)
+        # Inside the try: a closed pipe often shows only when the buffered output is written.
+        sys.stdout.flush()
+    except BaseException as exc:
+        if _only(exc, KeyboardInterrupt):
+            return EXIT_INTERRUPTED
+        if _only(exc, BrokenPipeError):
+            # Python flushes stdout again at exit, which would fail and complain: point it at nothing.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return EXIT_CLOSED_PIPE
+        raise
+    return code
+
+
+def _only(exc: BaseException, kind: type[BaseException]) -> bool:
+    """True when `exc` is a `kind`, or a group (as Trio raises) of nothing else."""
+    if isinstance(exc, BaseExceptionGroup):
+        return all(_only(inner, kind) for inner in exc.exceptions)
+    return isinstance(exc, kind)
+
+
+def _dispatch(args: argparse.Namespace) -> int:
     if args.subcommand == "run":
         return run(args.config or default_config_path())
     if args.subcommand == "check":
@@ -124,7 +341,8 @@ def _load(path: str) -> Settings | None:
     try:
         return config.load(path)
     except ConfigError as exc:
-        print(exc, file=sys.stderr)
+        # One problem is one line; several are listed under a line that counts them.
+        print(f"{exc.source}: {exc.problems[0]}" if len(exc.problems) == 1 else exc, file=sys.stderr)
         return None
 
 
@@ -198,32 +416,44 @@ def run(path: str) -> int:
 
 
 def simulate(args: argparse.Namespace) -> int:
-    """A simulated device until SIGINT or SIGTERM."""
+    """A simulated device until SIGINT or SIGTERM; 2, as `run`, when its pty link or port cannot be made."""
     from proxy import log
     from proxy.simulators import serve_pty, serve_tcp
     from proxy.simulators.base import Faults
 
     faults = Faults(args.delay, args.nak_every, args.drop_every, args.busy, args.reaction_time)
     log.setup(ProxyConfig())
-    if args.pty is not None:
-        _run_until_signal(lambda task_status: serve_pty(args.protocol, args.pty, faults, task_status=task_status))
-    else:
-        _run_until_signal(lambda task_status: serve_tcp(args.protocol, args.listen, faults, task_status=task_status))
+    try:
+        if args.pty is not None:
+            _run_until_signal(lambda task_status: serve_pty(args.protocol, args.pty, faults, task_status=task_status))
+        else:
+            _run_until_signal(
+                lambda task_status: serve_tcp(args.protocol, args.listen, faults, task_status=task_status)
+            )
+    except BrokenPipeError:
+        raise  # stdout, closed by its reader: main() ends quietly
+    except OSError as exc:
+        where = f"a pty linked as {args.pty}" if args.pty is not None else f"{args.listen}"
+        print(f"error: cannot simulate a device on {where}: {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_CONFIG
     return EXIT_OK
 
 
 def send(args: argparse.Namespace) -> int:
-    """One exchange with a device; prints what was sent and the answer, exit 1 with the reason on failure."""
+    """One exchange with a device; prints each step as it happens, and on failure one line on stderr.
+
+    Exit 1 when the exchange fails on the way, 2 when the options make no request of the protocol, 3
+    when the device answers with an error of its own.
+    """
     import trio
 
-    from proxy.send import SendError, exchange
+    from proxy.send import DeviceError, RequestError, SendError, exchange
 
     try:
-        lines = trio.run(exchange, args.address, args.protocol, args)
-    except SendError as exc:
+        trio.run(exchange, args.address, args.protocol, args, lambda line: print(line, flush=True))
+    except (RequestError, SendError, DeviceError) as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return EXIT_FAILED
-    print("\n".join(lines))
+        return {RequestError: EXIT_CONFIG, SendError: EXIT_FAILED, DeviceError: EXIT_DEVICE}[type(exc)]
     return EXIT_OK
 
 
@@ -272,20 +502,33 @@ def devices(args: argparse.Namespace) -> int:
 
 
 def import_config(args: argparse.Namespace) -> int:
-    """Writes settings.toml from another gateway's file; lists on stderr what could not be mapped."""
+    """Writes settings.toml from another gateway's file; lists on stderr what could not be mapped.
+
+    With `-o -` the settings go to stdout and everything else to stderr, so that they can be piped.
+    """
     from proxy.importers import ImportFailed, import_cencn, import_ecrservice
 
-    if args.output.exists() and not args.force:
-        print(f"error: {args.output} exists; use --force to overwrite it or -o for another file", file=sys.stderr)
+    to_stdout = args.output == "-"
+    output = Path(args.output)
+    if not to_stdout and output.exists() and not args.force:
+        print(f"error: {output} exists; use --force to overwrite it or -o for another file", file=sys.stderr)
         return EXIT_FAILED
     try:
         imported = (import_ecrservice if args.kind == "ecrservice" else import_cencn)(args.file)
     except ImportFailed as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_FAILED
-    args.output.write_text(imported.toml(), encoding="utf-8")
     what = f"{len(imported.settings['device'])} device(s)" if "device" in imported.settings else "a [dialin] table"
-    print(f"wrote {args.output} with {what} from {args.file}")
+    if to_stdout:
+        sys.stdout.write(imported.toml())
+        print(f"wrote {what} from {args.file} to stdout", file=sys.stderr)
+    else:
+        try:
+            output.write_text(imported.toml(), encoding="utf-8")
+        except OSError as exc:
+            print(f"error: cannot write {output}: {exc.strerror or exc}", file=sys.stderr)
+            return EXIT_FAILED
+        print(f"wrote {output} with {what} from {args.file}")
     for line in imported.unmapped:
         print(f"not mapped: {line}", file=sys.stderr)
     return EXIT_OK
@@ -296,12 +539,18 @@ def status(args: argparse.Namespace) -> int:
     from proxy.status.client import StatusError, fetch, table
 
     url, token = args.url, args.token or os.environ.get("DEVPROXY_STATUS_TOKEN", "")
-    path = args.config or default_config_path()
     if url is None or not token:
-        try:
-            proxy_config = config.load(path).proxy
-        except ConfigError:
-            proxy_config = ProxyConfig()
+        if args.config is not None:
+            # A file named on purpose must be right; the default one may well be absent here.
+            settings = _load(args.config)
+            if settings is None:
+                return EXIT_CONFIG
+            proxy_config = settings.proxy
+        else:
+            try:
+                proxy_config = config.load(default_config_path()).proxy
+            except ConfigError:
+                proxy_config = ProxyConfig()
         if url is None:
             address = proxy_config.status or Address("127.0.0.1", 8600)
             url = f"http://{address}"
@@ -311,6 +560,10 @@ def status(args: argparse.Namespace) -> int:
     except StatusError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_FAILED
+    except ValueError as exc:
+        # urllib's word on a malformed URL (an unclosed IPv6 bracket, say)
+        print(f"error: --url {url!r} is not a URL: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
     print(json.dumps(devices, indent=1) if args.json else table(devices))
     return EXIT_OK
 

@@ -5,9 +5,14 @@ from __future__ import annotations
 import ipaddress
 import os
 
+import attrs
 import pytest
+import trio
 
-from proxy.config import Address, ConfigError, ProxyConfig, load, parse
+from proxy.cli import main
+from proxy.config import Address, ConfigError, ProxyConfig, Settings, load, parse
+
+from helpers import BEEP, BEEP_ANSWER, connect, receive_exactly, receive_until_closed, running_proxy
 
 GOOD_DEVICE = {"name": "fptr1", "type": "serial", "path": "/dev/ttyUSB0", "listen": ["127.0.0.1:8000"]}
 
@@ -347,3 +352,85 @@ def test_an_iec_serial_line_opens_at_the_sign_on_rate_unless_switching_is_off():
     assert iec(baudrate=9600, iec_signon_baudrate=9600).line_baudrate == 9600
     assert iec(baudrate=9600, iec_baud_switch=False).line_baudrate == 9600
     assert iec(type="tcp", path="10.0.0.1:1", baudrate=9600).switches_baud is False
+
+
+def test_ping_is_off_unless_ping_bytes_are_given_then_after_two_minutes():
+    assert parse({"dialin": {"listen": ["127.0.0.1:0"]}}).dialin.ping_after == 0
+    assert parse({"dialin": {"ping_bytes": "00"}}).dialin.ping_after == 120
+    assert parse({"dialin": {"ping_bytes": "00", "ping_after": 30}}).dialin.ping_after == 30
+    assert one_problem({"dialin": {"ping_after": 30}}).startswith("[dialin]: ping_bytes is empty but ping_after = 30")
+
+
+def test_a_simulator_must_name_its_protocol_and_is_told_the_choices():
+    problem = one_problem({"device": [{"name": "sim", "type": "simulator", "listen": ["127.0.0.1:0"]}]})
+    assert problem == (
+        "device 'sim': protocol is missing (a simulator plays one of custom, shtrih, atol2, atol3, dle, coges, "
+        "energomera-ce, iec61107)"
+    )
+
+
+def checks(tmp_path, text: str, capsys) -> Settings:
+    """`devproxy check` on `text` as a settings file must pass; returns the settings `run` would serve.
+
+    The tests below give each table only its required keys, as a new user writes it: the defaults of
+    the rest must make a configuration that passes `check` and runs.
+    """
+    path = tmp_path / "settings.toml"
+    path.write_text(text)
+    assert main(["check", "-c", str(path)]) == 0
+    assert f"{path}: OK" in capsys.readouterr().out
+    return load(path)
+
+
+async def test_a_proxy_table_with_no_keys_checks_and_serves_its_status_page(tmp_path, capsys):
+    settings = checks(tmp_path, "[proxy]\n", capsys)
+    assert settings.proxy == ProxyConfig()
+    # Its default port, 8600, may be taken on a machine that runs other proxies: the test binds any.
+    # The other tests turn the status server off for the same reason.
+    settings = attrs.evolve(settings, proxy=attrs.evolve(settings.proxy, status=Address("127.0.0.1", 0)))
+    async with running_proxy(settings) as running, await trio.open_tcp_stream(*attrs.astuple(running.status)) as web:
+        await web.send_all(b"GET /healthz HTTP/1.1\r\nHost: devproxy\r\nConnection: close\r\n\r\n")
+        assert (await receive_until_closed(web)).startswith(b"HTTP/1.1 200 ")
+
+
+async def test_a_serial_device_with_only_its_required_keys_checks_and_runs(tmp_path, capsys, pty):
+    device = pty.plug()
+    text = f'[proxy]\nstatus = ""\n\n[[device]]\nname = "fptr1"\npath = "{pty.path}"\nlisten = ["127.0.0.1:0"]\n'
+    settings = checks(tmp_path, text, capsys)
+    async with running_proxy(settings) as running, await connect(running, "fptr1") as client:
+        await client.send_all(b"ping")
+        assert await receive_exactly(device, 4) == b"ping"
+
+
+async def test_a_tcp_device_with_only_its_required_keys_checks_and_runs(tmp_path, capsys, tcp_device):
+    text = (
+        '[proxy]\nstatus = ""\n\n[[device]]\nname = "printer"\ntype = "tcp"\n'
+        f'path = "{tcp_device.address}"\nlisten = ["127.0.0.1:0"]\n'
+    )
+    settings = checks(tmp_path, text, capsys)
+    async with running_proxy(settings) as running, await connect(running, "printer") as client:
+        await client.send_all(b"ping")
+        async with await tcp_device.next_connection() as device:
+            assert await receive_exactly(device, 4) == b"ping"
+
+
+async def test_a_simulator_with_only_its_required_keys_checks_and_runs(tmp_path, capsys):
+    text = (
+        '[proxy]\nstatus = ""\n\n[[device]]\nname = "sim"\ntype = "simulator"\nprotocol = "custom"\n'
+        'listen = ["127.0.0.1:0"]\n'
+    )
+    settings = checks(tmp_path, text, capsys)
+    async with running_proxy(settings) as running, await connect(running, "sim") as client:
+        await client.send_all(BEEP)
+        assert await receive_exactly(client, len(BEEP_ANSWER)) == BEEP_ANSWER
+
+
+async def test_a_dialin_table_with_only_listen_checks_and_runs(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the default registry is ./devproxy.sqlite3
+    text = '[proxy]\nstatus = ""\n\n[dialin]\nlisten = ["127.0.0.1:0"]\n'
+    settings = checks(tmp_path, text, capsys)
+    assert settings.dialin.ping_after == 0
+    async with running_proxy(settings) as running:
+        async with await trio.open_tcp_stream(*attrs.astuple(running.dialin[0])):
+            pass
+        assert (tmp_path / "devproxy.sqlite3").is_file()

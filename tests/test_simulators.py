@@ -9,8 +9,8 @@ import trio
 
 from proxy.cli import build_parser
 from proxy.config import Address
-from proxy.protocols import atol3, shtrih
-from proxy.send import SendError, exchange
+from proxy.protocols import atol3, coges, shtrih
+from proxy.send import DeviceError, SendError, exchange
 from proxy.simulators import model_factory, serve_tcp
 from proxy.simulators.base import NO_FAULTS, Faults
 from proxy.simulators.shtrih import DEVICE_METRICS
@@ -79,8 +79,8 @@ async def test_a_dropped_answer_is_a_timeout():
 async def test_a_busy_device_answers_with_its_busy_error():
     async with trio.open_nursery() as nursery:
         address = await simulator(nursery, "custom", Faults(busy=True))
-        lines = await exchange(address, "custom", send_args(address, "custom", ["--command", "beep"]))
-        assert "error 3503" in lines[-1]
+        with pytest.raises(DeviceError, match=r"^the register answered error 3503 \(busy with another command\)"):
+            await exchange(address, "custom", send_args(address, "custom", ["--command", "beep"]))
         nursery.cancel_scope.cancel()
 
 
@@ -176,3 +176,13 @@ async def test_the_iec_meter_waits_its_reaction_time_before_it_answers():
             assert await receive_exactly(reader, 15) == b"/EKT5CE301v12\r\n"
             assert trio.current_time() - started >= 0.2
         nursery.cancel_scope.cancel()
+
+
+def test_the_coges_display_scrolls_so_that_its_answer_always_fits_a_frame():
+    device = model_factory("coges")(NO_FAULTS)
+    key = coges.build_frame(coges.key_payload("5"))
+    for _ in range(500):
+        (write,) = device.answer(key)
+    events = coges.Framer().feed(write.data)
+    assert [event.raw for event in events] == [write.data]
+    assert coges.decode(write.data).endswith("5" * 16)
