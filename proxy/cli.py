@@ -371,7 +371,36 @@ def check(path: str) -> int:
         ports = "chosen by the system" if dialin.direct_ports is None else "{}-{}".format(*dialin.direct_ports)
         print(f"  dial-in devices connect on {listen}, identify by {dialin.identify}, direct ports {ports}")
         print(f"    registry {dialin.registry}, protocol {dialin.protocol}, {dialin.sharing} sharing")
+        problems = _registry_problems(settings)
+        if problems:
+            print(f"{path}: the registry's direct ports do not fit these settings:", file=sys.stderr)
+            for problem in problems:
+                print(f"  {problem}", file=sys.stderr)
+            return EXIT_CONFIG
     return EXIT_OK
+
+
+def _registry_problems(settings: Settings) -> list[str]:
+    """Registered devices whose direct port `run` could not open; none when there is no registry yet, or
+    a running proxy holds it (which `check` then says)."""
+    from proxy.dialin import devices as registry_commands
+    from proxy.dialin.registry import Registry, RegistryError
+
+    assert settings.dialin is not None
+    if not Path(settings.dialin.registry).exists():
+        return []
+    try:
+        registry = Registry(settings.dialin.registry, settings.dialin.direct_ports, lock_wait=0.5)
+    except RegistryError as exc:
+        print(f"  the registry's direct ports are not checked: {exc}")
+        return []
+    try:
+        return registry_commands.misplaced(registry, settings.listener_ports())
+    except RegistryError as exc:
+        print(f"  the registry's direct ports are not checked: {exc}")
+        return []
+    finally:
+        registry.close()
 
 
 def run(path: str) -> int:
@@ -479,7 +508,7 @@ def devices(args: argparse.Namespace) -> int:
             rows = [registry_commands.as_row(record) for record in records]
             print(json.dumps(rows, indent=1) if args.json else registry_commands.table(records))
         elif args.action == "add":
-            record = registry.add(args.id, args.port, args.name)
+            record = registry_commands.add(registry, args.id, args.port, settings.listener_ports(), name=args.name)
             print(f"added {record.id} with direct port {record.direct_port}")
         elif args.action == "remove":
             if not registry.remove(args.id):
@@ -487,7 +516,7 @@ def devices(args: argparse.Namespace) -> int:
                 return EXIT_FAILED
             print(f"removed {args.id}")
         else:
-            added, skipped = registry_commands.import_export(registry, args.file)
+            added, skipped = registry_commands.import_export(registry, args.file, settings.listener_ports())
             for line in added:
                 print(f"added {line}")
             for line in skipped:

@@ -234,6 +234,17 @@ class Settings:
     source: str = "<defaults>"
     dialin: DialinConfig | None = None
 
+    def listener_ports(self) -> dict[int, str]:
+        """The TCP ports the proxy listens on for clients, dial-in devices and the status page, with what
+        each serves: a dial-in device's direct port must be none of them."""
+        ports = {address.port: "[proxy] status" for address in (self.proxy.status,) if address is not None}
+        for address in self.dialin.listen if self.dialin is not None else ():
+            ports[address.port] = "[dialin] listen"
+        for device in self.devices:
+            for address in device.listen:
+                ports[address.port] = f"device {device.name!r}"
+        return ports
+
 
 class _Problems:
     """Collects the problems of one table so that load() reports them all at once."""

@@ -9,8 +9,15 @@ from pathlib import Path
 
 from proxy.dialin.registry import Record, Registry, RegistryError
 
-# The columns of a CE NetConnection 4.x device export that devproxy uses (the header row names them).
-SERIAL, KIND, ADDRESS, PORT = "Серийный номер", "Тип устройства", "Системный адрес", "TCP порт"
+# The columns of a CE NetConnection 4.x device export that devproxy uses, found by the header row's
+# names in the Russian or the English interface, in any case.
+SERIAL, KIND, ADDRESS, PORT = "serial", "kind", "address", "port"
+HEADERS = {
+    SERIAL: ("серийный номер", "serial number", "serial"),
+    KIND: ("тип устройства", "device type", "type"),
+    ADDRESS: ("системный адрес", "system address", "address"),
+    PORT: ("tcp порт", "tcp port", "port"),
+}
 
 
 class ImportFailed(Exception):
@@ -39,15 +46,11 @@ def as_row(record: Record) -> dict[str, object]:
 
 
 def table(records: list[Record]) -> str:
-    rows = [["ID", "STATE", "PORT", "LAST SEEN", "PEER", "TO DEVICE", "FROM DEVICE"]]
+    rows = [["ID", "NAME", "STATE", "PORT", "LAST SEEN", "PEER", "TO DEVICE", "FROM DEVICE"]]
+    keys = ("id", "name", "state", "port", "last_seen", "peer", "bytes_to_device", "bytes_from_device")
     for record in records:
         row = as_row(record)
-        rows.append(
-            [
-                str(row[key] if row[key] is not None else "-")
-                for key in ("id", "state", "port", "last_seen", "peer", "bytes_to_device", "bytes_from_device")
-            ]
-        )
+        rows.append([str(row[key]) if row[key] not in (None, "") else "-" for key in keys])
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows)
 
@@ -73,17 +76,36 @@ def _rows(path: Path) -> Iterator[tuple[int, dict[str, str]]]:
         lines = [[cell.strip() for cell in row] for row in csv.reader(io.StringIO(text), dialect)]
     if not lines:
         raise ImportFailed(f"{path}: the file is empty")
-    header = lines[0]
-    for needed in (SERIAL, PORT):
-        if needed not in header:
-            raise ImportFailed(f"{path}: the header has no column {needed!r} (it has: {', '.join(header)})")
+    columns = _columns(path, lines[0])
     for number, line in enumerate(lines[1:], start=2):
         if any(line):
-            yield number, dict(zip(header, line + [""] * (len(header) - len(line)), strict=False))
+            yield number, {field: line[index] if index < len(line) else "" for field, index in columns.items()}
 
 
-def import_export(registry: Registry, path: Path) -> tuple[list[str], list[str]]:
-    """Registers the devices of a CE NetConnection export: (what was added, what was skipped and why)."""
+def _columns(path: Path, header: list[str]) -> dict[str, int]:
+    """Where each field is in the header; ImportFailed when the serial number has no column."""
+    names = [name.casefold() for name in header]
+    columns = {field: names.index(alias) for field, aliases in HEADERS.items() for alias in aliases if alias in names}
+    if SERIAL not in columns:
+        wanted = " or ".join(repr(alias) for alias in HEADERS[SERIAL][:2])
+        raise ImportFailed(f"{path}: the header has no column {wanted} (it has: {', '.join(header)})")
+    return columns
+
+
+def add(registry: Registry, device_id: str, port: int | None, listeners: dict[int, str], **fields: str) -> Record:
+    """Registers a device for `devices add` and imports: on `port`, or the lowest free one of the range.
+
+    Error handling: RegistryError for a port the proxy listens on (Settings.listener_ports()), outside
+    direct_ports or another device's, and for an ID already registered.
+    """
+    if port is not None and port in listeners:
+        raise RegistryError(f"port {port} is where {listeners[port]} listens")
+    return registry.add(device_id, port, **fields)
+
+
+def import_export(registry: Registry, path: Path, listeners: dict[int, str]) -> tuple[list[str], list[str]]:
+    """Registers the devices of a CE NetConnection export: (what was added, what was skipped and why),
+    a line per row. A row with no TCP port gets the lowest free port of the range."""
     added, skipped = [], []
     for number, row in _rows(path):
         serial, port_text = row.get(SERIAL, ""), row.get(PORT, "").removesuffix(".0")
@@ -91,16 +113,30 @@ def import_export(registry: Registry, path: Path) -> tuple[list[str], list[str]]
         if not serial:
             skipped.append(f"{where}: no serial number")
             continue
-        if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+        if port_text and (not port_text.isdigit() or not 1 <= int(port_text) <= 65535):
             skipped.append(f"{where}: {serial}: TCP port {port_text!r} is not a port number")
             continue
         note = ", ".join(
             part for part in (row.get(KIND, ""), f"system address {row[ADDRESS]}" if row.get(ADDRESS) else "") if part
         )
         try:
-            registry.add(serial, int(port_text), note=note)
+            record = add(registry, serial, int(port_text) if port_text else None, listeners, note=note)
         except RegistryError as exc:
-            skipped.append(f"{where}: {exc}")
+            skipped.append(f"{where}: {exc}" if serial in str(exc) else f"{where}: {serial}: {exc}")
             continue
-        added.append(f"{serial} on port {port_text}")
+        origin = "" if port_text else " (no port in the file: the lowest free one of direct_ports)"
+        added.append(f"{where}: {serial} on port {record.direct_port}{origin}")
     return added, skipped
+
+
+def misplaced(registry: Registry, listeners: dict[int, str]) -> list[str]:
+    """Registered devices whose direct port the proxy could not open: outside direct_ports (the range
+    changed since) or where a listener is. `check` reports them."""
+    problems = []
+    for record in registry.all():
+        port, ports = record.direct_port, registry.direct_ports
+        if port in listeners:
+            problems.append(f"{record.id}: direct port {port} is where {listeners[port]} listens")
+        elif ports is not None and not ports[0] <= port <= ports[1]:
+            problems.append(f"{record.id}: direct port {port} is outside direct_ports {ports[0]}-{ports[1]}")
+    return problems

@@ -357,6 +357,8 @@ class Registry:
             if port is None:
                 low, high = self.direct_ports
                 raise RegistryError(f"direct_ports {low}-{high} are all taken; {device_id} gets no port")
+        elif self.direct_ports is not None and not self.direct_ports[0] <= port <= self.direct_ports[1]:
+            raise RegistryError(f"port {port} is outside direct_ports {self.direct_ports[0]}-{self.direct_ports[1]}")
         elif port not in self.held and not self._ports.take_port(port):
             raise RegistryError(f"port {port} belongs to another device")
         record = Record.new(device_id, port, name, note)
