@@ -25,11 +25,7 @@ lint: install
 	$(BIN)/ruff format --check .
 
 bench: install
-	$(BIN)/python bench/latency.py
-	$(BIN)/python bench/exchange.py
-	$(BIN)/python bench/dialin.py
-	$(BIN)/python bench/framers.py
-	$(BIN)/python bench/soak.py --quick
+	$(BIN)/python bench/summary.py
 
 soak: install
 	$(BIN)/python bench/soak.py
