@@ -339,7 +339,8 @@ async def serve(settings: Settings, *, task_status: trio.TaskStatus[Running] = t
             if status_listeners:
                 from proxy.status.server import StatusServer  # its HTTP and metrics stack only when it is on
 
-                status = StatusServer(running.devices_and_addresses, settings.proxy.status_token)
+                host = settings.proxy.status.host if settings.proxy.status is not None else ""
+                status = StatusServer(running.devices_and_addresses, settings.proxy.status_token, host)
                 await nursery.start(status.serve, status_listeners)
                 running.status = _bound_addresses(status_listeners)[0]
                 logger.info("status page on http://{}/", running.status)

@@ -34,7 +34,9 @@ def _request_bytes(
     connection: h11.Connection, address: str, method: str, target: str, headers: dict[str, str], body: bytes
 ) -> bytes:
     names = {name.lower() for name in headers}
-    fields = [("host", address), ("connection", "close"), *headers.items()]
+    fields = [("connection", "close"), *headers.items()]
+    if "host" not in names:  # a Host the caller gives asks for another name
+        fields.insert(0, ("host", address))
     if body and "content-length" not in names:
         fields.append(("content-length", str(len(body))))
     data = connection.send(h11.Request(method=method, target=target, headers=fields))

@@ -10,6 +10,7 @@ from http_client import event_stream, get
 from proxy import events
 from proxy.device import State
 from proxy.events import DEVICE_EVENTS, DIALIN_EVENTS, Direction, EventRing, Kind, Subscriber, Traffic, TrafficLine
+from proxy.status import server
 from proxy.status.server import _events
 
 from helpers import (
@@ -18,10 +19,12 @@ from helpers import (
     connect,
     device_named,
     dialin_settings,
+    logged,
     modem,
     online,
     receive_exactly,
     receive_until_closed,
+    reset_on_close,
     running_proxy,
     settings_for,
     wait_for,
@@ -252,3 +255,45 @@ async def test_a_dialin_device_records_its_connections_by_peer(tmp_path):
     recent = [(event.kind, event.detail) for event in device.events.recent()]
     assert recent == [(Kind.LINK_OPEN, f"from {peer}"), (Kind.LINK_LOST, "end of file")]
     assert device.last_error is not None and device.last_error[1] == "end of file"
+
+
+async def test_a_viewer_that_resets_its_connection_leaves_quietly(log_lines):
+    async with running_proxy(settings_for(REGISTER, status="127.0.0.1:0")) as running:
+        device = running.devices["reg"]
+        async with event_stream(running.status, "/api/devices/reg/traffic") as stream:
+            assert stream.status_code == 200
+            await wait_for(device, lambda: device.traffic is not None)
+            reset_on_close(stream.stream)
+        await logged("a live view's client left", log_lines)
+        await wait_for(device, lambda: device.traffic is None)
+        assert (await get(running.status, "/healthz")).text == "ok\n"
+    assert not [line for line in log_lines if line.startswith(("ERROR", "WARNING"))]
+
+
+async def views_at_once(address, count: int) -> list[bytes]:
+    """`count` requests for reg's live traffic, all sent before any answer is read; each answer's status."""
+    request = f"GET /api/devices/reg/traffic HTTP/1.1\r\nHost: {address}\r\n\r\n".encode()
+    streams = [await trio.open_tcp_stream(address.host, address.port) for _ in range(count)]
+    for stream in streams:
+        await stream.send_all(request)
+    statuses = []
+    for stream in streams:
+        head = b""
+        while b"\r\n" not in head:
+            head += await receive_exactly(stream, 1)
+        statuses.append(head.split(b" ")[1])
+    for stream in streams:
+        await stream.aclose()
+    return statuses
+
+
+@pytest.mark.parametrize("cap", ["MAX_STREAMS", "MAX_SUBSCRIBERS"])
+async def test_views_asked_for_at_once_are_admitted_up_to_the_cap(monkeypatch, cap):
+    monkeypatch.setattr(server if cap == "MAX_STREAMS" else events, cap, 2)
+    async with running_proxy(settings_for(REGISTER, status="127.0.0.1:0")) as running:
+        device = running.devices["reg"]
+        statuses = await views_at_once(running.status, 8)
+        assert sorted(statuses) == [b"200"] * 2 + [b"503"] * 6
+        # Every view is released when it ends: as many are admitted again.
+        await wait_for(device, lambda: device.traffic is None)
+        assert sorted(await views_at_once(running.status, 3)) == [b"200", b"200", b"503"]

@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from proxy.config import parse
 from proxy.device import State
 from proxy.dialin.registry import Registry
-from proxy.status import html
+from proxy.status import auth, html
 from proxy.status.snapshot import FIELDS
 
 from helpers import (
@@ -170,8 +170,8 @@ def raw_exchange(address, data: bytes) -> bytes:
         (b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 20_000 + b"\r\n\r\n", b"431"),
         (b"GET http://[x/ HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", b"400"),
         (b"POST /api/devices/reg/disconnect HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n", b"413"),
-        (b"GET /nowhere HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", b"404"),
-        (b"DELETE /api/devices HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", b"405"),
+        (b"GET /nowhere HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n", b"404"),
+        (b"DELETE /api/devices HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n", b"405"),
     ],
 )
 async def test_bad_requests_get_the_right_status_and_the_proxy_goes_on(request_bytes, status):
@@ -217,7 +217,7 @@ async def test_clients_that_never_read_their_responses_are_dropped_and_capped(mo
         for _ in range(3):
             stream = await trio.open_tcp_stream(running.status.host, running.status.port)
             stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-            await stream.send_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n" * 200)
+            await stream.send_all(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" * 200)
             greedy.append(stream)
         # Past the cap a new connection is closed at once ...
         async with await trio.open_tcp_stream(running.status.host, running.status.port) as late:
@@ -592,3 +592,127 @@ def test_refusals_of_the_last_hour_are_counted_to_the_minute():
     assert recent.total(hour + 3600) == 2  # now it is not
     recent.add(hour + 3600 + 70)  # the same slot a new hour later replaces what it held
     assert recent.total(hour + 3600 + 80) == 1
+
+
+# -- hostile requests: smuggling, HEAD, DNS rebinding, login guessing ------------------------------------
+
+
+async def test_a_request_with_both_content_length_and_transfer_encoding_gets_400_and_the_connection_closes():
+    settings = settings_for(REGISTER, status="127.0.0.1:0")
+    async with running_proxy(settings) as running:
+        smuggled = (
+            b"POST /logout HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 40\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"0\r\n\r\nGET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+        )
+        answer = await trio.to_thread.run_sync(raw_exchange, running.status, smuggled)
+        assert answer.startswith(b"HTTP/1.1 400 ") and answer.count(b"HTTP/1.1 ") == 1
+        assert b"connection: close" in answer.lower()
+        # Any 400 closes the connection: the request after it is never read.
+        healthz = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+        bad_target = b"GET http://[x/ HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" + healthz
+        answer = await trio.to_thread.run_sync(raw_exchange, running.status, bad_target)
+        assert answer.startswith(b"HTTP/1.1 400 ") and answer.count(b"HTTP/1.1 ") == 1
+
+
+async def test_error_bodies_are_plain_text_without_python_reprs():
+    settings = settings_for(REGISTER, status="127.0.0.1:0")
+    async with running_proxy(settings) as running:
+        answer = await trio.to_thread.run_sync(raw_exchange, running.status, b"NOT HTTP AT ALL\r\n\r\n")
+    body = json.loads(answer.partition(b"\r\n\r\n")[2])
+    assert body == {"error": "bad request: illegal request line: NOT HTTP AT ALL"}
+
+
+async def test_head_answers_every_get_route_with_its_status_and_headers_and_no_body():
+    settings = settings_for(REGISTER, status="127.0.0.1:0")
+    async with running_proxy(settings) as running:
+        for path in ("/healthz", "/", "/api/devices", "/metrics", "/devices/reg", "/api/devices/reg", "/nowhere"):
+            got = await request(running.status, "GET", path)
+            head = await request(running.status, "HEAD", path)
+            assert (head.status_code, head.body) == (got.status_code, b"")
+            assert head.headers["content-length"] == str(len(got.body))
+            assert head.headers["content-type"] == got.headers["content-type"]
+        view = await request(running.status, "HEAD", "/api/devices/reg/traffic")
+        assert view.status_code == 200 and view.headers["content-type"].startswith("text/event-stream")
+        assert view.body == b""
+        await wait_for(running.devices["reg"], lambda: running.devices["reg"].traffic is None)  # released
+        # A route that takes no GET still says which methods it takes.
+        wrong = await request(running.status, "HEAD", "/logout")
+        assert (wrong.status_code, wrong.headers["allow"], wrong.body) == (405, "POST", b"")
+        # Keep-alive goes on after a HEAD: the next response on the same connection is read whole.
+        two = (
+            b"HEAD /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+            b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+        )
+        answer = await trio.to_thread.run_sync(raw_exchange, running.status, two)
+        assert answer.count(b"HTTP/1.1 200 ") == 2 and answer.endswith(b"\r\n\r\nok\n")
+
+
+@pytest.mark.parametrize("host", ["evil.example", "evil.example:8600", "127.0.0.1.evil.example", "[::1].evil:1"])
+async def test_without_a_token_a_request_for_another_name_is_refused_against_dns_rebinding(host):
+    settings = settings_for({**REGISTER, "acquire_timeout": 30}, status="127.0.0.1:0")
+    async with running_proxy(settings) as running:
+        device = running.devices["reg"]
+        rebound = {"host": host, "origin": f"http://{host}", "sec-fetch-site": "same-origin"}
+        async with await connect(running, "reg") as client:
+            await wait_for(device, lambda: device.state == State.BUSY)
+            for method, path in (("GET", "/api/devices"), ("GET", "/"), ("POST", "/api/devices/reg/disconnect")):
+                refused = await request(running.status, method, path, headers=rebound)
+                assert refused.status_code == 421
+                assert "set status_token" in refused.json()["error"]
+            assert device.holder is not None
+            await client.send_all(BEEP)
+            assert await receive_exactly(client, 9) == BEEP_ANSWER
+        port = running.status.port
+        for own in ("127.0.0.1", f"127.0.0.1:{port}", f"localhost:{port}", "LOCALHOST", f"[::1]:{port}", "[::1]"):
+            assert (await request(running.status, "GET", "/api/devices", headers={"host": own})).status_code == 200
+        # /healthz says only "ok": a monitor may use any name.
+        assert (await request(running.status, "GET", "/healthz", headers={"host": host})).text == "ok\n"
+
+
+def test_the_configured_status_host_is_a_name_of_this_server():
+    assert auth.own_host("pos-proxy.lan:8600", "pos-proxy.lan")
+    assert auth.own_host("POS-PROXY.LAN", "pos-proxy.lan")
+    assert not auth.own_host("pos-proxy.lan.evil:8600", "pos-proxy.lan")
+    assert not auth.own_host("pos-proxy.lan:x", "pos-proxy.lan")
+    assert not auth.own_host("", "")
+    assert auth.own_host(None, "")
+
+
+async def test_with_a_token_any_name_reaches_the_server():
+    settings = settings_for(REGISTER, status="127.0.0.1:0", status_token="s3cret")
+    async with running_proxy(settings) as running:
+        headers = {"host": "proxy.example.org:8600", "authorization": "Bearer s3cret"}
+        assert (await request(running.status, "GET", "/api/devices", headers=headers)).status_code == 200
+
+
+async def test_failed_logins_past_five_a_minute_are_refused_with_429_and_one_warning(log_lines):
+    settings = settings_for(REGISTER, status="127.0.0.1:0", status_token="s3cret")
+    async with running_proxy(settings) as running:
+        address = running.status
+        # Successful logins are never counted.
+        for _ in range(auth.MAX_FAILED_LOGINS + 2):
+            assert (await post_form(address, "/login", token="s3cret")).status_code == 303
+        for _ in range(auth.MAX_FAILED_LOGINS):
+            assert (await post_form(address, "/login", token="guess")).status_code == 401
+        for token in ("guess", "another", "s3cret"):
+            refused = await post_form(address, "/login", token=token)
+            assert refused.status_code == 429 and "set-cookie" not in refused.headers
+            assert 1 <= int(refused.headers["retry-after"]) <= auth.LOGIN_WINDOW
+            assert "too many failed logins" in refused.json()["error"]
+        # The bearer token is no login: scripts and Prometheus go on.
+        bearer = {"authorization": "Bearer s3cret"}
+        assert (await request(address, "GET", "/api/devices", headers=bearer)).status_code == 200
+    warnings = [line for line in log_lines if line.startswith("WARNING") and "failed logins" in line]
+    assert len(warnings) == 1
+    assert sum("login from" in line and "failed" in line for line in log_lines) == auth.MAX_FAILED_LOGINS
+
+
+def test_logins_are_taken_again_when_the_minute_of_the_first_failure_ends():
+    throttle = auth.LoginThrottle()
+    assert [throttle.failed(float(second)) for second in range(5)] == [False, False, False, False, True]
+    assert throttle.refused_for(5.0) == auth.LOGIN_WINDOW - 5
+    assert throttle.refused_for(59.5) == 0.5
+    assert throttle.refused_for(60.0) == 0
+    # A new window: four failures are taken, the fifth closes it again.
+    assert [throttle.failed(60.0 + second) for second in range(5)] == [False, False, False, False, True]
+    assert auth.retry_after(0.2) == "1" and auth.retry_after(59.5) == "60"

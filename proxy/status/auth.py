@@ -10,8 +10,11 @@ price is a new login after a restart.
 from __future__ import annotations
 
 import hmac
+import ipaddress
+import math
 import secrets
 import time
+from collections import deque
 from urllib.parse import quote, urlsplit
 
 COOKIE = "devproxy_session"
@@ -19,6 +22,10 @@ COOKIE = "devproxy_session"
 SESSION_SECONDS = 12 * 3600
 # Sessions kept at most; past it the oldest is dropped, so logins in a loop cannot fill the memory.
 MAX_SESSIONS = 256
+# Failed logins (from any address) within LOGIN_WINDOW seconds after which every login is refused until the
+# window of the first of them ends: guessing the token runs at 5 tries a minute, not thousands a second.
+MAX_FAILED_LOGINS = 5
+LOGIN_WINDOW = 60.0
 
 
 class Sessions:
@@ -78,6 +85,59 @@ class Sessions:
         session = cookie(headers, COOKIE)
         if session is not None:
             self._sessions.pop(session, None)
+
+
+class LoginThrottle:
+    """The failed logins of the last LOGIN_WINDOW seconds. `now` is time.monotonic()."""
+
+    def __init__(self) -> None:
+        self._failures: deque[float] = deque(maxlen=MAX_FAILED_LOGINS)
+
+    def refused_for(self, now: float) -> float:
+        """Seconds until logins are taken again; 0 when they are taken now."""
+        if len(self._failures) < MAX_FAILED_LOGINS:
+            return 0.0
+        left = self._failures[0] + LOGIN_WINDOW - now
+        if left <= 0:
+            self._failures.clear()
+            return 0.0
+        return left
+
+    def failed(self, now: float) -> bool:
+        """Counts a failed login; True when it is the one past which logins are refused."""
+        self._failures.append(now)
+        return self.refused_for(now) > 0
+
+
+def retry_after(seconds: float) -> str:
+    """A Retry-After value: whole seconds, rounded up."""
+    return str(max(1, math.ceil(seconds)))
+
+
+def own_host(host: str | None, configured: str) -> bool:
+    """The Host header names this server: an IP address (v4 or [v6], with or without a port), `localhost`,
+    or `configured` (the host of [proxy] status), or there is none (only HTTP/1.0 may omit it; browsers
+    always send it). Another name may be a DNS rebinding: another site's name that now resolves here, so
+    that its pages read this server as their own."""
+    if host is None:
+        return True
+    name = host.strip().lower()
+    if name.startswith("["):
+        literal, bracket, port = name[1:].partition("]")
+        if not bracket or (port and not (port[:1] == ":" and port[1:].isdigit())):
+            return False
+        name = literal
+    elif name.count(":") == 1:
+        name, _, port = name.partition(":")
+        if not port.isdigit():
+            return False
+    if name in ("localhost", configured.lower()) and name:
+        return True
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
 
 
 def cookie(headers: dict[str, str], name: str) -> str | None:

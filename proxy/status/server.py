@@ -3,8 +3,12 @@ Sent Events); no HTTP parsed by hand."""
 
 from __future__ import annotations
 
+import ast
+import contextlib
 import gzip
 import json
+import re
+import time
 from collections.abc import Awaitable, Callable
 from http import HTTPStatus
 from urllib.parse import parse_qs, unquote, urlencode, urlsplit
@@ -44,6 +48,12 @@ MAX_STREAMS = 16
 KEEPALIVE = 15.0
 
 Send = Callable[[bytes], Awaitable[None]]
+STREAM_HEADERS = (
+    ("content-type", "text/event-stream; charset=utf-8"),
+    ("cache-control", "no-store"),
+    ("x-content-type-options", "nosniff"),
+    ("connection", "close"),
+)
 
 
 @attrs.frozen
@@ -55,6 +65,9 @@ class Response:
     # A response that goes on (Server-Sent Events): called with a function that sends a piece of it, after
     # the head; when it returns, the response ends and the connection closes.
     stream: Callable[[Send], Awaitable[None]] | None = None
+    # What the response holds until it ends (a live view's place under the caps): called once, when the
+    # request is done with, however it ends.
+    release: Callable[[], None] | None = None
 
 
 def _json(status: int, value: object) -> Response:
@@ -63,6 +76,23 @@ def _json(status: int, value: object) -> Response:
 
 def _error(status: int, message: str, *headers: tuple[str, str]) -> Response:
     return Response(status, json.dumps({"error": message}).encode() + b"\n", JSON, headers)
+
+
+def _plain(message: str) -> str:
+    """An error message without Python's reprs: h11 says `bytearray(b'GET x')` for the bytes `GET x`."""
+
+    def text(match: re.Match[str]) -> str:
+        try:
+            value = ast.literal_eval(match.group(1) or match.group(2))
+        except (ValueError, SyntaxError):
+            return match.group(0)
+        return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in value.decode("latin-1"))
+
+    return _BYTES_REPR.sub(text, message)[:300]
+
+
+_BYTES = r"""(?<!\w)b'(?:[^'\\]|\\.)*'|(?<!\w)b"(?:[^"\\]|\\.)*\""""
+_BYTES_REPR = re.compile(rf"bytearray\(({_BYTES})\)|({_BYTES})")
 
 
 def _page(text: str, status: int = 200, *headers: tuple[str, str], script: str = "") -> Response:
@@ -79,9 +109,14 @@ def _redirect(location: str, *headers: tuple[str, str]) -> Response:
 class StatusServer:
     """Answers HTTP requests about the devices that `devices()` returns, with their listen addresses."""
 
-    def __init__(self, devices: Callable[[], dict[str, tuple[Device, list[Address]]]], token: str) -> None:
+    def __init__(
+        self, devices: Callable[[], dict[str, tuple[Device, list[Address]]]], token: str, host: str = ""
+    ) -> None:
+        """`host`: the host of [proxy] status, a name this server goes by (see auth.own_host)."""
         self._devices = devices
         self._sessions = auth.Sessions(token)
+        self._logins = auth.LoginThrottle()
+        self._host = host
         self._connections = 0
         self._refusing = False
         self._streams = 0
@@ -129,7 +164,7 @@ class StatusServer:
                     request = await self._read_request(stream, connection)
                 except h11.RemoteProtocolError as exc:
                     status = exc.error_status_hint
-                    await self._send(stream, connection, _error(status, f"bad request: {exc}"), close=True)
+                    await self._send(stream, connection, _error(status, f"bad request: {_plain(str(exc))}"), close=True)
                     return
             if timer.cancelled_caught:
                 # Too slow: a client whose request head arrived is told so; the others are just closed.
@@ -138,17 +173,30 @@ class StatusServer:
             if request is None:
                 return
             method, target, headers, body = request
+            # HEAD is a GET without the body (h11 sends none), with the GET's status and headers.
+            head = method == "HEAD"
             try:
-                response = self.route(method, target, headers, body, peer_name(stream))
+                response = self.route("GET" if head else method, target, headers, body, peer_name(stream))
             except Exception:
                 # A bug in one page must not cost the proxy anything: this request gets a 500.
                 logger.exception("status: {} {} failed", method, target[:200])
                 response = _error(500, "internal error; the proxy's log has the details")
-            if response.stream is not None:
-                await self._stream(stream, connection, response.stream)
-                return
-            await self._send(stream, connection, response, close=False)
-            if connection.our_state is h11.MUST_CLOSE or connection.their_state is h11.MUST_CLOSE:
+            try:
+                if response.stream is not None:
+                    if head:
+                        data = connection.send(h11.Response(status_code=200, headers=STREAM_HEADERS, reason=b"OK"))
+                        await wire.finish(stream, data + connection.send(h11.EndOfMessage()))
+                    else:
+                        await self._stream(stream, connection, response.stream)
+                    return
+            finally:
+                if response.release is not None:
+                    response.release()
+            # A 400 may be a request the server read otherwise than a proxy in front of it (RFC 9112 6.3):
+            # nothing more is read from this connection.
+            close = response.status == 400
+            await self._send(stream, connection, response, close=close, head=head)
+            if close or connection.our_state is h11.MUST_CLOSE or connection.their_state is h11.MUST_CLOSE:
                 return
             connection.start_next_cycle()
 
@@ -172,7 +220,11 @@ class StatusServer:
                 if head > MAX_REQUEST:
                     # h11 bounds a head that arrives in pieces; this bounds one that arrived whole.
                     raise h11.RemoteProtocolError("request head too large", error_status_hint=431)
-                length = dict(event.headers).get(b"content-length")
+                fields = dict(event.headers)
+                if b"content-length" in fields and b"transfer-encoding" in fields:
+                    # RFC 9112 6.3: a possible request smuggling; answered with 400, and the connection closes.
+                    raise h11.RemoteProtocolError("both Content-Length and Transfer-Encoding", error_status_hint=400)
+                length = fields.get(b"content-length")
                 if length is not None and length.isdigit() and int(length) > MAX_REQUEST:
                     raise h11.RemoteProtocolError("request body too large", error_status_hint=413)
             elif isinstance(event, h11.Data):
@@ -184,8 +236,15 @@ class StatusServer:
                 return request.method.decode("ascii"), request.target.decode("latin-1"), headers, bytes(body)
 
     async def _send(
-        self, stream: trio.SocketStream, connection: h11.Connection, response: Response, *, close: bool
+        self,
+        stream: trio.SocketStream,
+        connection: h11.Connection,
+        response: Response,
+        *,
+        close: bool,
+        head: bool = False,
     ) -> None:
+        """Sends `response`; without its body when it answers a HEAD (`head`)."""
         if connection.our_state is not h11.SEND_RESPONSE and connection.their_state is not h11.ERROR:
             return
         headers = [
@@ -199,7 +258,9 @@ class StatusServer:
             headers.append(("connection", "close"))
         reason = HTTPStatus(response.status).phrase.encode()
         data = connection.send(h11.Response(status_code=response.status, headers=headers, reason=reason))
-        data += connection.send(h11.Data(data=response.body)) + connection.send(h11.EndOfMessage())
+        if response.body and not head:
+            data += connection.send(h11.Data(data=response.body))
+        data += connection.send(h11.EndOfMessage())
         if close:
             await wire.finish(stream, data)
             return
@@ -210,17 +271,12 @@ class StatusServer:
     ) -> None:
         """A response that goes on until `body` returns, the client leaves, or the server stops.
 
-        Error handling: a client that takes no byte for RESPONSE_TIMEOUT is dropped like any other
-        (trio.BrokenResourceError, which ends the connection quietly).
+        Error handling: a client that resets its connection, or takes no byte for RESPONSE_TIMEOUT, has
+        left: a DEBUG line, and the connection ends.
         """
-        headers = [
-            ("content-type", "text/event-stream; charset=utf-8"),
-            ("cache-control", "no-store"),
-            ("x-content-type-options", "nosniff"),
-            ("connection", "close"),
-        ]
         # No content-length: h11 sends the body chunked (HTTP/1.1) or until the close (HTTP/1.0).
-        await _send_in_time(stream, connection.send(h11.Response(status_code=200, headers=headers, reason=b"OK")))
+        head = h11.Response(status_code=200, headers=STREAM_HEADERS, reason=b"OK")
+        await _send_in_time(stream, connection.send(head))
 
         async def send(data: bytes) -> None:
             await _send_in_time(stream, connection.send(h11.Data(data=data)))
@@ -236,14 +292,19 @@ class StatusServer:
             left = True
             nursery.cancel_scope.cancel()
 
-        self._streams += 1
+        gone: BaseException | None = None
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(until_closed)
                 await body(send)
                 nursery.cancel_scope.cancel()
-        finally:
-            self._streams -= 1
+        except* (trio.BrokenResourceError, trio.ClosedResourceError) as group:
+            # A viewer that resets its connection or stops reading leaves like any other (trio groups the
+            # error of the nursery's task); anything else in the group is a bug, and goes on up.
+            gone = group.exceptions[0]
+        if gone is not None:
+            logger.debug("status: a live view's client left: {}", _plain(str(gone)) or type(gone).__name__)
+            return
         if not left:
             await _send_in_time(stream, connection.send(h11.EndOfMessage()))
 
@@ -260,6 +321,16 @@ class StatusServer:
         path = "/".join(parts)
         if path == "/healthz":
             return Response(200, b"ok\n", "text/plain; charset=utf-8") if method == "GET" else _not_allowed("GET")
+        if not self._sessions.required and not auth.own_host(headers.get("host"), self._host):
+            # /healthz says nothing but ok, to monitors by any name. Without a token, the only guard against
+            # a DNS rebinding (another site's name that now resolves here, whose pages would read this server
+            # as their own) is the name the request uses.
+            logger.debug("status: refused a request for Host {!r} from {}", headers.get("host", "")[:200], peer)
+            return _error(
+                421,
+                "refused: this status server answers to its IP address, localhost or its [proxy] status host "
+                "only; to reach it by another name, set status_token",
+            )
         if method == "POST" and (why := auth.cross_site(headers)) is not None:
             logger.info("status: refused a POST to {} from {}: {}", path[:200], peer, why)
             return _error(403, f"refused: this request comes from another site ({why})")
@@ -334,10 +405,19 @@ class StatusServer:
         if what == "traffic":
             if self._streams >= MAX_STREAMS:
                 return _error(503, f"{MAX_STREAMS} live traffic views are open; close one first")
-            if device.traffic is not None and len(device.traffic.subscribers) >= events.MAX_SUBSCRIBERS:
+            # Admitted here, before any await: requests that arrive together cannot all pass the caps.
+            view = contextlib.ExitStack()
+            try:
+                subscriber = view.enter_context(events.subscribed(device))
+            except events.TooManySubscribers:
                 return _error(503, f"{events.MAX_SUBSCRIBERS} live views of {entry.key} are open; close one first")
-            return Response(200, b"", stream=lambda send: self._traffic(device, send))
+            self._streams += 1
+            view.callback(self._view_ended)
+            return Response(200, b"", stream=lambda send: self._traffic(device, subscriber, send), release=view.close)
         return _error(404, f"no such page under /api/devices/{entry.key}")
+
+    def _view_ended(self) -> None:
+        self._streams -= 1
 
     def _login(self, method: str, query: str, headers: dict[str, str], body: bytes, peer: str) -> Response:
         """The login form (GET) and its answer (POST): a session cookie, then back to where the browser was
@@ -354,8 +434,21 @@ class StatusServer:
         target = auth.local_path(_field(form, "next"))
         if not sessions.required:
             return _redirect(target)
+        now = time.monotonic()
+        if wait := self._logins.refused_for(now):
+            return _error(
+                429,
+                f"too many failed logins; try again in {auth.retry_after(wait)} s",
+                ("retry-after", auth.retry_after(wait)),
+            )
         if not sessions.token_matches(_field(form, "token")):
             logger.info("status: a login from {} failed (not the status token)", peer)
+            if self._logins.failed(now):
+                logger.warning(
+                    "status: {} failed logins within {:g} s; refusing logins for the rest of it",
+                    auth.MAX_FAILED_LOGINS,
+                    auth.LOGIN_WINDOW,
+                )
             return _page(page.login(target, failed=True), 401)
         logger.info("status: {} logged in", peer)
         return _redirect(target, ("set-cookie", auth.session_cookie(sessions.start())))
@@ -367,25 +460,21 @@ class StatusServer:
         logger.info("{}: status API disconnected {}", device.name, holder)
         return _json(200, {"disconnected": holder})
 
-    async def _traffic(self, device: Device, send: Send) -> None:
+    async def _traffic(self, device: Device, subscriber: events.Subscriber, send: Send) -> None:
         """Streams `device`'s traffic as Server-Sent Events until the client leaves or the device is
         stopped: "traffic" events (hex and text of each chunk, its direction and client), and "dropped"
         events saying how many lines a slow client missed. The device's bytes never wait for it."""
-        try:
-            with events.subscribed(device) as subscriber:
-                await send(b": devproxy live traffic\n\n")
-                while True:
-                    taken = None
-                    with trio.move_on_after(KEEPALIVE):
-                        taken = await subscriber.take()
-                    if taken is not None:
-                        await send(_events(*taken))
-                        continue
-                    if not any(running is device for running, _ in self._devices().values()):
-                        return  # stopped (a reload removed or changed it): nothing more will come
-                    await send(b": keepalive\n\n")
-        except events.TooManySubscribers:
-            return
+        await send(b": devproxy live traffic\n\n")
+        while True:
+            taken = None
+            with trio.move_on_after(KEEPALIVE):
+                taken = await subscriber.take()
+            if taken is not None:
+                await send(_events(*taken))
+                continue
+            if not any(running is device for running, _ in self._devices().values()):
+                return  # stopped (a reload removed or changed it): nothing more will come
+            await send(b": keepalive\n\n")
 
 
 def _events(lines: list[TrafficLine], dropped: int) -> bytes:
