@@ -101,7 +101,13 @@ class _Version(argparse.Action):
             text = version("devproxy")
         except PackageNotFoundError:
             text = "(not installed: run `pip install -e .` for its version)"
-        print(f"devproxy {text}")
+        try:
+            print(f"devproxy {text}")
+            sys.stdout.flush()
+        except BrokenPipeError:
+            # As main() does for the commands: a reader that closed the pipe ends it quietly.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            parser.exit(EXIT_CLOSED_PIPE)
         parser.exit(EXIT_OK)
 
 

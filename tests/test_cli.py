@@ -279,6 +279,20 @@ def test_status_says_why_when_no_proxy_answers():
     assert result.returncode == 1 and "cannot reach" in result.stderr
 
 
+def test_status_says_so_in_one_line_when_a_service_that_is_not_http_answers():
+    with listening() as service:
+        address = f"127.0.0.1:{service.getsockname()[1]}"
+        with spawn("status", "--url", address, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as process:
+            connection, _ = service.accept()
+            with connection:
+                assert connection.recv(1024)  # the request is out
+                connection.sendall(b"hello, this is no HTTP\r\nat all\r\n")
+            out, err = process.communicate(timeout=LIMIT)
+    assert process.returncode == 1
+    assert out == "" and len(err.splitlines()) == 1 and "Traceback" not in err
+    assert err.startswith(f"error: http://{address}: not a devproxy status server (BadStatusLine")
+
+
 @pytest.mark.parametrize(
     ("protocol", "message"),
     [
@@ -366,14 +380,13 @@ def test_ctrl_c_while_waiting_for_an_answer_exits_130_without_a_traceback(comman
     assert out == ("sent 01 05 00 13 3f 42 0f 00 a8\n" if command == "send" else "")
 
 
-@pytest.mark.parametrize("command", [["check"], ["devices", "list"]])
+@pytest.mark.parametrize("command", [["check"], ["devices", "list"], ["--version"]])
 def test_a_reader_that_closed_the_pipe_ends_the_command_quietly(command, dialin_settings):
     reader, writer = os.pipe()
     os.close(reader)  # as `| head -1` does once it has its line
+    config = [] if command == ["--version"] else ["-c", str(dialin_settings)]
     try:
-        result = subprocess.run(
-            [*PROXY, *command, "-c", str(dialin_settings)], stdout=writer, stderr=subprocess.PIPE, text=True
-        )
+        result = subprocess.run([*PROXY, *command, *config], stdout=writer, stderr=subprocess.PIPE, text=True)
     finally:
         os.close(writer)
     assert result.returncode == 141

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import sqlite3
 import subprocess
 import sys
 
@@ -151,3 +153,95 @@ def test_devices_needs_a_dialin_table(tmp_path):
     settings.write_text('[proxy]\nstatus = ""\n')
     result = devices(settings, "list")
     assert result.returncode == 2 and "has no [dialin] table" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "device_id", ["", " ", "tab\tid", "line\nbreak", "x" * 5000, "\x1b]0;pwned\x07", "\x1b[31mred", "ок"]
+)
+def test_add_refuses_an_id_no_device_could_identify_with_in_one_line(config, device_id):
+    result = devices(config, "add", "--", device_id)
+    assert result.returncode == 1
+    assert len(result.stderr.splitlines()) == 1 and "Traceback" not in result.stderr
+    assert "is no device id (1-64 printable characters" in result.stderr
+    assert "\x1b" not in result.stderr and len(result.stderr) < 300
+    assert json.loads(devices(config, "list", "--json").stdout) == []
+
+
+def test_import_skips_rows_whose_serial_is_no_device_id_naming_the_row(config, tmp_path):
+    export = tmp_path / "export.csv"
+    rows = ["GOOD-1,7600", '"has space",', '"line\nbreak",', "L" * 5000 + ",", "\x1b[31mred,", "nul\x00x,"]
+    export.write_text("Serial,Port\n" + "\n".join(rows) + "\n")
+    result = devices(config, "import", str(export))
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == "added row 2: GOOD-1 on port 7600"
+    assert lines[1] == "skipped row 3: 'has space' is no device id (1-64 printable characters, as a device identifies)"
+    assert lines[2].startswith("skipped row 4: 'line\\nbreak' is no device id")
+    assert lines[3].startswith("skipped row 5: 'LLLL") and "... (5000 characters) is no device id" in lines[3]
+    assert lines[4].startswith("skipped row 6: '\\x1b[31mred' is no device id")
+    assert lines[5].startswith("skipped row 7: 'nul\\x00x' is no device id")
+    assert lines[6] == "1 added, 5 skipped" and "\x1b" not in result.stdout
+
+
+def test_list_escapes_control_characters_an_older_registry_holds(config, tmp_path):
+    assert devices(config, "add", "PLAIN").returncode == 0
+    db = sqlite3.connect(tmp_path / "reg.sqlite3")  # as a registry from before ids were checked
+    with db:
+        db.execute("UPDATE devices SET id = ?", ("\x1b]0;pwned\x07",))
+    db.close()
+    listing = devices(config, "list")
+    assert listing.returncode == 0, listing.stderr
+    assert listing.stdout.splitlines()[1].split()[0] == "\\x1b]0;pwned\\x07"
+    assert "\x1b" not in listing.stdout and "\x07" not in listing.stdout
+    assert json.loads(devices(config, "list", "--json").stdout)[0]["id"] == "\x1b]0;pwned\x07"
+
+
+def test_import_prefers_the_most_specific_column_name(config, tmp_path):
+    export = tmp_path / "export.csv"
+    export.write_text("Serial Number,Serial,Port\nREAL-1,MODEM-9,7600\n")
+    result = devices(config, "import", str(export))
+    assert result.stdout == "added row 2: REAL-1 on port 7600\n1 added, 0 skipped\n", result.stderr
+
+
+def test_import_of_a_one_column_export_falls_back_to_commas(config, tmp_path):
+    export = tmp_path / "export.csv"
+    export.write_text("Serial\nA1\n")
+    result = devices(config, "import", str(export))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("added row 2: A1 on port 7500")
+
+
+def test_import_skips_a_port_of_non_ascii_digits(config, tmp_path):
+    export = tmp_path / "export.csv"
+    export.write_text("serial,port\nP1,\u00b2\nP2,\u0667\u0666\u0660\u0660\n")  # superscript 2, Arabic-Indic 7600
+    result = devices(config, "import", str(export))
+    assert result.returncode == 0, result.stderr
+    assert "skipped row 2: P1: TCP port '\u00b2' is not a port number" in result.stdout
+    assert "skipped row 3: P2: TCP port" in result.stdout and result.stdout.endswith("0 added, 2 skipped\n")
+
+
+def test_import_of_a_field_over_the_csv_limit_fails_naming_the_row(config, tmp_path):
+    export = tmp_path / "export.csv"
+    export.write_text("serial,port\nA1,7600\n" + "Z" * 200_000 + ",\n")
+    result = devices(config, "import", str(export))
+    assert result.returncode == 1
+    assert result.stderr == f"error: {export}: row 3: field larger than field limit (131072)\n"
+
+
+def test_import_refuses_what_is_not_a_regular_file_or_too_large(config, tmp_path):
+    fifo = tmp_path / "export.csv"
+    os.mkfifo(fifo)  # no writer: reading it would wait forever
+    sparse = tmp_path / "big.csv"
+    with sparse.open("wb") as file:
+        file.truncate(64 * 1024 * 1024 + 1)
+    expected = {
+        fifo: "not a regular file",
+        tmp_path: "not a regular file",
+        "/dev/zero": "not a regular file",
+        sparse: "67108865 bytes is too large for an export (at most 67108864)",
+    }
+    for path, message in expected.items():
+        result = devices(config, "import", str(path))
+        assert result.returncode == 1, path
+        assert result.stderr.startswith(f"error: {path}: {message}"), result.stderr
+        assert len(result.stderr.splitlines()) == 1

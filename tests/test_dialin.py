@@ -130,6 +130,15 @@ async def test_a_device_that_says_nothing_is_closed_after_identify_timeout(tmp_p
     assert any("did not identify within identify_timeout = 0.1 s" in line for line in log_lines)
 
 
+async def test_a_failed_identification_logs_only_the_start_of_what_was_sent(tmp_path, log_lines):
+    settings = dialin_settings(tmp_path)
+    async with running_proxy(settings) as running, await modem(running, b"\x01" * 1000 + b"\n") as junk:
+        assert await receive_until_closed(junk) == b""
+    (line,) = [line for line in log_lines if "did not identify" in line]
+    assert "... (1000 bytes) is no device id" in line
+    assert len(line) < 1000  # not the ~4 KB of the whole line's repr and hex
+
+
 async def test_an_unknown_id_is_refused_when_autoregister_is_off(tmp_path, log_lines):
     settings = dialin_settings(tmp_path, autoregister=False)
     async with running_proxy(settings) as running:

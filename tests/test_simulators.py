@@ -9,10 +9,10 @@ import trio
 
 from proxy.cli import build_parser
 from proxy.config import Address
-from proxy.protocols import atol3, coges, shtrih
+from proxy.protocols import atol2, atol3, coges, shtrih
 from proxy.send import DeviceError, SendError, exchange
 from proxy.simulators import model_factory, serve_tcp
-from proxy.simulators.base import NO_FAULTS, Faults
+from proxy.simulators.base import NO_FAULTS, Faults, Write
 from proxy.simulators.shtrih import DEVICE_METRICS
 
 from helpers import connect, receive_exactly, running_proxy, settings_for
@@ -74,6 +74,31 @@ async def test_a_dropped_answer_is_a_timeout():
         with pytest.raises(SendError, match=r"no complete answer within 0\.2 s"):
             await exchange(address, "custom", args)
         nursery.cancel_scope.cancel()
+
+
+async def test_a_dropped_atol2_answer_is_a_timeout():
+    # ATOL v2 answers after the host's EOT (on_other), not in reply to the frame: a drop must still reach it.
+    async with trio.open_nursery() as nursery:
+        address = await simulator(nursery, "atol2", Faults(drop_every=1))
+        with pytest.raises(SendError, match=r"no complete answer within 0\.2 s; received 06 06"):
+            await exchange(address, "atol2", send_args(address, "atol2", ["--timeout", "0.2"]))
+        nursery.cancel_scope.cancel()
+
+
+def test_atol2_drops_every_nth_answer_and_delays_the_enq_that_starts_each():
+    model = model_factory("atol2")(Faults(drop_every=2))
+    command = atol2.build_frame(bytes((0, 0, 0x47)))
+    for dropped in (False, True, False):
+        assert model.feed(bytes((atol2.ENQ,))) == [Write(bytes((atol2.ACK,)), answer=False)]
+        assert model.feed(command) == [Write(bytes((atol2.ACK,)), answer=False)]
+        after_eot = model.feed(bytes((atol2.EOT,)))
+        if dropped:
+            assert after_eot == []  # the answer never comes
+            continue
+        assert after_eot == [Write(bytes((atol2.ENQ,)), answer=True)]  # answer=True: --delay holds it back
+        (frame,) = model.feed(bytes((atol2.ACK,)))
+        assert frame.data == atol2.build_frame(bytes((0x55, 0, 0x47)))
+        assert model.feed(bytes((atol2.ACK,))) == [Write(bytes((atol2.EOT,)), answer=False)]
 
 
 async def test_a_busy_device_answers_with_its_busy_error():

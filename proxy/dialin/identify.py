@@ -11,7 +11,30 @@ from proxy.config import DialinConfig
 # A device must have said who it is within this many bytes.
 MAX_ID_BYTES = 1024
 VALID_ID = re.compile(rb"[\x21-\x7e]{1,64}")
+ID_RULE = "1-64 printable characters"
 SIGN_ON = b"/?!\r\n"
+# How much of what a device sent an error message quotes: a log line per failed connection stays short.
+SHOWN_BYTES = 64
+
+
+def is_device_id(device_id: str) -> bool:
+    """Whether identification could register `device_id`: 1-64 printable ASCII characters (no space or
+    control character), or the hex of a fixed-length id that is not printable. `devices add` and imports
+    check the same rule."""
+    if not device_id.isascii():
+        return False
+    raw = device_id.encode("ascii")
+    if VALID_ID.fullmatch(raw):
+        return True
+    # identify = "fixed" registers a non-printable id as lowercase hex of at most MAX_ID_BYTES bytes.
+    return 0 < len(raw) <= 2 * MAX_ID_BYTES and len(raw) % 2 == 0 and re.fullmatch(rb"[0-9a-f]+", raw) is not None
+
+
+def shown(data: bytes | str) -> str:
+    """`data` quoted for a one-line message: repr of its first SHOWN_BYTES, and its length when cut."""
+    if len(data) <= SHOWN_BYTES:
+        return repr(data)
+    return f"{data[:SHOWN_BYTES]!r}... ({len(data)} {'bytes' if isinstance(data, bytes) else 'characters'})"
 
 
 class IdentifyFailed(Exception):
@@ -25,7 +48,7 @@ class IdentifyFailed(Exception):
 def _text_id(raw: bytes, buffer: bytes) -> str:
     raw = raw.strip()
     if not VALID_ID.fullmatch(raw):
-        raise IdentifyFailed(f"{raw!r} is no device id (1-64 printable characters)", buffer)
+        raise IdentifyFailed(f"{shown(raw)} is no device id ({ID_RULE})", buffer)
     return raw.decode("ascii")
 
 
@@ -45,7 +68,7 @@ def parse_id(config: DialinConfig, buffer: bytes) -> tuple[str, bytes] | None:
         if method == "line":
             return _text_id(line, buffer), rest
         if not line.startswith(b"/") or len(line) < 6:
-            raise IdentifyFailed(f"{line!r} is no IEC 61107 identification", buffer)
+            raise IdentifyFailed(f"{shown(line)} is no IEC 61107 identification", buffer)
         ident = line[5:].removeprefix(b"\\2")
         serials = re.findall(rb"\d{6,}", ident)
         return _text_id(max(serials, key=len) if serials else ident, buffer), rest

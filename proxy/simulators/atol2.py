@@ -2,7 +2,8 @@
 
 The host's ENQ is ACKed, its frame ACKed, and after its EOT the device sends ENQ; once the host ACKs,
 the answer frame follows, and after the host's ACK of that, EOT. The busy answer is error 0x0F in the
-answer frame (the simulator's choice).
+answer frame (the simulator's choice). The device's ENQ starts the answer: --delay holds it back,
+and a dropped answer (--drop-every) is an EOT that gets no ENQ at all.
 """
 
 from __future__ import annotations
@@ -50,6 +51,12 @@ class Atol2Register(SimulatedDevice):
         data = decode(frame)
         self._answer = bytes((ANSWER, 0)) + data[2:3]  # after the 2-byte password: the command
         return [Write(bytes((ACK,)), answer=False)]
+
+    def dropped(self, frame: bytes) -> list[Write]:
+        # The frame is ACKed, but after the host's EOT no ENQ comes: the answer never does.
+        writes = self.answer(frame)
+        self._answer = None
+        return writes
 
     def busy_answer(self, frame: bytes) -> list[Write]:
         self._answer = bytes((ANSWER, ERROR_BUSY))

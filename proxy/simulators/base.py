@@ -66,6 +66,14 @@ class SimulatedDevice:
     def nak(self) -> bytes | None:
         return None
 
+    def dropped(self, frame: bytes) -> list[Write]:
+        """The writes that still go out when Faults.drop_every drops the answer to `frame` (the ACK).
+
+        A protocol whose answer comes later, from on_other (ATOL v2's, after the host's EOT), forgets it
+        here so that it never comes.
+        """
+        return [write for write in self.answer(frame) if not write.answer]
+
     def busy_answer(self, frame: bytes) -> list[Write]:
         return []
 
@@ -111,5 +119,5 @@ class SimulatedDevice:
         if faults.busy:
             return self.busy_answer(frame)
         if faults.drop_every and self.frames % faults.drop_every == 0:
-            return [write for write in self.answer(frame) if not write.answer]
+            return self.dropped(frame)
         return self.answer(frame)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import urllib.error
 import urllib.request
@@ -38,9 +39,16 @@ def fetch(url: str, token: str = "", timeout: float = 10.0) -> list[dict[str, An
         raise StatusError(f"{url}: HTTP {exc.code} {exc.reason}") from None
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
-        raise StatusError(f"cannot reach {url}: {reason}") from None
-    except ValueError as exc:
-        raise StatusError(f"{url}: not a devproxy status server ({exc})") from None
+        raise StatusError(f"cannot reach {url}: {_one_line(reason)}") from None
+    except (http.client.HTTPException, ValueError) as exc:
+        # BadStatusLine, IncompleteRead, a JSON error...: something answered, but not a status server.
+        raise StatusError(f"{url}: not a devproxy status server ({type(exc).__name__}: {_one_line(exc)})") from None
+
+
+def _one_line(reason: object) -> str:
+    """`reason` as one short line: what a peer sent may hold newlines and go on for pages."""
+    text = " ".join(str(reason).split())
+    return text if len(text) <= 200 else text[:200] + "..."
 
 
 def table(devices: list[dict[str, Any]]) -> str:
