@@ -192,3 +192,12 @@ def test_every_protocol_is_registered_and_answers_junk_without_raising(name):
     protocol = get(name)
     assert protocol.name == name
     protocol.reject_answer(Junk(b"\x00"))
+
+
+def test_the_iec_busy_answer_uses_the_bcc_method_of_the_request():
+    from proxy.protocols import iec61107
+
+    summed = iec61107.command("R1", "VOLTA()", energomera=True)
+    answer = iec61107.PROTOCOL.busy_answer(Frame(summed))
+    assert answer == iec61107.data_block("(ERR19)", energomera=True)
+    assert iec61107.PROTOCOL.busy_answer(Frame(b"/?!\r\n")) == iec61107.data_block("(ERR19)")

@@ -229,8 +229,12 @@ class IecProtocol(DeviceProtocol):
         return IecExchange(request.raw)
 
     def busy_answer(self, request: Event) -> bytes | None:
-        """STX (ERR19) ETX BCC: "BusyAccess", as the meter answers when another port holds it."""
-        return data_block(f"({BUSY})")
+        """STX (ERR19) ETX BCC: "BusyAccess", as the meter answers when another port holds it, with the
+        BCC method of the request (an Energomera port may be set to the sum)."""
+        raw = request.raw
+        body = raw[1:-1]
+        energomera = raw[:1] in (b"\x01", b"\x02") and raw[-1] == bcc_sum(body) != bcc_xor(body)
+        return data_block(f"({BUSY})", energomera=energomera)
 
 
 PROTOCOL = IecProtocol()
