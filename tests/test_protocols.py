@@ -195,8 +195,6 @@ def test_every_protocol_is_registered_and_answers_junk_without_raising(name):
 
 
 def test_the_iec_busy_answer_uses_the_bcc_method_of_the_request():
-    from proxy.protocols import iec61107
-
     summed = iec61107.command("R1", "VOLTA()", energomera=True)
     answer = iec61107.PROTOCOL.busy_answer(Frame(summed))
     assert answer == iec61107.data_block("(ERR19)", energomera=True)
