@@ -88,6 +88,24 @@ async def test_serial_link_reports_a_hang_up_as_end_of_file_not_a_spurious_empty
     await link.aclose()
 
 
+async def test_a_serial_link_under_bulk_traffic_reads_every_byte_in_order(tmp_path):
+    """A full read is followed by more reads at once (SerialLink._more): nothing lost or reordered."""
+    pty = PtyDevice(tmp_path / "ttyBULK")
+    device_end = pty.plug()
+    link = await open_link(device_config(type="serial", path=str(pty.path)), None)
+    pty.release_slave()
+    sent = os.urandom(1 << 20)
+    received = bytearray()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(device_end.send_all, sent)
+        with trio.fail_after(30):
+            while len(received) < len(sent):
+                received += await link.receive_some(16384)
+    assert received == sent
+    await pty.unplug()
+    await link.aclose()
+
+
 async def test_trace_logs_every_byte_in_hex_with_device_direction_and_client(tmp_path):
     log_file = tmp_path / "proxy.log"
     log.setup(ProxyConfig(log_level="TRACE", log_file=str(log_file)))

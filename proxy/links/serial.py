@@ -27,6 +27,8 @@ STOPBITS = {
     2.0: trio_serial.StopBits.TWO,
 }
 READ_SIZE = 65536
+# A read this long suggests bulk traffic: the tty is read again at once (SerialLink._more).
+MORE_AFTER = 2048
 HANGUP = select.POLLHUP | select.POLLERR | select.POLLNVAL
 
 
@@ -52,8 +54,33 @@ class SerialLink(trio_serial.SerialStream):
                 if exc.errno == errno.EIO:
                     return b""
                 raise trio.BrokenResourceError(f"{self.port}: {exc.strerror}") from exc
-            if data or self._hung_up():
-                return data
+            if not data:
+                if self._hung_up():
+                    return data
+                continue
+            return self._more(data, max_bytes or READ_SIZE)
+
+    def _more(self, data: bytes, max_bytes: int) -> bytes:
+        """`data` and what else the tty holds now, up to `max_bytes`, with no scheduling point.
+
+        A tty gives at most one line-discipline buffer (about 4 KiB) a read; under bulk traffic the
+        next one is often there already, and each chunk costs the proxy a wake-up and a write to the
+        client, so a full chunk is followed by reads until the tty has nothing more.
+        """
+        if len(data) < MORE_AFTER:
+            return data
+        chunks = [data]
+        total = len(data)
+        while total < max_bytes:
+            try:
+                more = os.read(self.fd, max_bytes - total)
+            except OSError:
+                break  # EAGAIN, or an error the next read reports
+            if not more:
+                break
+            chunks.append(more)
+            total += len(more)
+        return b"".join(chunks)
 
     async def _send(self, data: memoryview) -> int:
         try:
