@@ -167,9 +167,11 @@ def build_parser() -> argparse.ArgumentParser:
         "run a simulated device on a pty or a TCP port",
         "A simulated device until SIGINT or SIGTERM: on a new pseudo-terminal (LINK becomes a symlink\n"
         "to it), or on a TCP port with a device of its own for each connection (port 0 picks a free\n"
-        "port and prints it). The fault options make it slow, NAK, drop answers or answer busy.",
+        "port and prints it). The fault options make it slow, NAK, drop answers or answer busy;\n"
+        "--script FILE scripts faults per request (a TOML file of [[fault]] tables, see the README).",
         "  devproxy simulate custom --pty /tmp/ttyFPTR\n"
-        "  devproxy simulate shtrih --listen 127.0.0.1:0 --delay 2 --busy",
+        "  devproxy simulate shtrih --listen 127.0.0.1:0 --delay 2 --busy\n"
+        "  devproxy simulate custom --pty /tmp/ttyFPTR --script faults.toml",
     )
     simulate.add_argument("protocol", choices=config.SIMULATED_PROTOCOLS)
     where = simulate.add_mutually_exclusive_group(required=True)
@@ -181,6 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.add_argument("--busy", action="store_true", help="answer every command with the busy error")
     simulate.add_argument(
         "--reaction-time", type=_seconds, default=None, metavar="S", help="iec61107: least time before an answer (0.2)"
+    )
+    simulate.add_argument(
+        "--script", type=Path, default=None, metavar="FILE", help="scripted faults: a TOML file of [[fault]] tables"
     )
 
     send = _command(
@@ -455,15 +460,28 @@ def simulate(args: argparse.Namespace) -> int:
     from proxy import log
     from proxy.simulators import serve_pty, serve_tcp
     from proxy.simulators.base import Faults
+    from proxy.simulators.script import ScriptError, load_script
 
     faults = Faults(args.delay, args.nak_every, args.drop_every, args.busy, args.reaction_time)
+    script = None
+    if args.script is not None:
+        try:
+            script = load_script(args.script)
+            script.check(args.protocol)
+        except ScriptError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_CONFIG
     log.setup(ProxyConfig())
     try:
         if args.pty is not None:
-            _run_until_signal(lambda task_status: serve_pty(args.protocol, args.pty, faults, task_status=task_status))
+            _run_until_signal(
+                lambda task_status: serve_pty(args.protocol, args.pty, faults, script=script, task_status=task_status)
+            )
         else:
             _run_until_signal(
-                lambda task_status: serve_tcp(args.protocol, args.listen, faults, task_status=task_status)
+                lambda task_status: serve_tcp(
+                    args.protocol, args.listen, faults, script=script, task_status=task_status
+                )
             )
     except BrokenPipeError:
         raise  # stdout, closed by its reader: main() ends quietly

@@ -19,17 +19,22 @@ from proxy.protocols.atol3 import (
     REQUEST,
     Framer,
     build_packet,
+    crc8,
     decode,
+    escape,
 )
 from proxy.simulators.base import NO_FAULTS, Faults, SimulatedDevice, Write
+from proxy.simulators.script import ScriptLike
 
 RESULT, ERROR, STOPPED, ASYNC_RESULT, NOT_FOUND = 0xA3, 0xA4, 0xA5, 0xA6, 0xB3
 BUSY_ERROR = (601).to_bytes(2, "little")
 
 
 class Atol3Register(SimulatedDevice):
-    def __init__(self, faults: Faults = NO_FAULTS) -> None:
-        super().__init__(faults)
+    ERROR_CODES = range(0x10000)
+
+    def __init__(self, faults: Faults = NO_FAULTS, *, script: ScriptLike | None = None) -> None:
+        super().__init__(faults, script=script)
         self._results: dict[int, bytes] = {}
 
     def make_framer(self) -> Framer:
@@ -62,6 +67,26 @@ class Atol3Register(SimulatedDevice):
             self._results.clear()
             return [Write(build_packet(packet_id, bytes((STOPPED,))))]
         return [Write(build_packet(packet_id, bytes((ERROR,))))]
+
+    def request_command(self, frame: bytes) -> int | None:
+        """The task's command code in an ADD (after its 2-byte password), else the buffer command (C3, C4)."""
+        _, data = decode(frame)
+        if data[:1] in (bytes((ADD,)), bytes((ACK_ADD,))) and len(data) > 5:
+            return data[5]
+        return data[0] if data else None
+
+    def error_answer(self, frame: bytes, code: int | None) -> list[Write]:
+        if code is None:
+            return self.busy_answer(frame)
+        packet_id, data = decode(frame)
+        task_id = data[2] if len(data) > 2 else 0
+        return [Write(build_packet(packet_id, bytes((ERROR, task_id)) + code.to_bytes(2, "little")))]
+
+    def corrupt_checksum(self, data: bytes) -> bytes:
+        packet_id, payload = decode(data)
+        header = build_packet(packet_id, payload)[:4]
+        good = crc8(bytes((packet_id,)) + payload)
+        return header + escape(payload + bytes((good ^ 0x01,)))
 
     def busy_answer(self, frame: bytes) -> list[Write]:
         packet_id, data = decode(frame)

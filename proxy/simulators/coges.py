@@ -7,8 +7,9 @@ format is not public). Digits are echoed as they are typed, ENT shows "OK", ESC 
 
 from __future__ import annotations
 
-from proxy.protocols.coges import KEYS, Framer, build_frame, decode
+from proxy.protocols.coges import KEYS, Framer, build_frame, checksum, decode
 from proxy.simulators.base import NO_FAULTS, Faults, SimulatedDevice, Write
+from proxy.simulators.script import ScriptLike
 
 DISPLAY = "000050"
 MANAGER_CODES = ("9999", "11112222")
@@ -19,8 +20,11 @@ KEY_NAMES = {code: name for name, code in KEYS.items()}
 
 
 class CogesDevice(SimulatedDevice):
-    def __init__(self, faults: Faults = NO_FAULTS) -> None:
-        super().__init__(faults)
+    COMMAND_TYPE = None
+    ERROR_CODES = range(10000)
+
+    def __init__(self, faults: Faults = NO_FAULTS, *, script: ScriptLike | None = None) -> None:
+        super().__init__(faults, script=script)
         self.entry = ""
 
     def make_framer(self) -> Framer:
@@ -31,6 +35,17 @@ class CogesDevice(SimulatedDevice):
 
     def busy_answer(self, frame: bytes) -> list[Write]:
         return [Write(build_frame(DISPLAY + "BUSY"))]
+
+    def request_payload(self, frame: bytes) -> str:
+        return decode(frame)
+
+    def error_answer(self, frame: bytes, code: int | None) -> list[Write]:
+        """The display text "ERROR n" (the simulator's choice: COGES's answers are not public)."""
+        return self.busy_answer(frame) if code is None else [Write(build_frame(f"{DISPLAY}ERROR {code}"))]
+
+    def corrupt_checksum(self, data: bytes) -> bytes:
+        payload = data[1:-3]
+        return data[:-2] + f"{(checksum(payload) + 1) & 0xFF:02X}".encode()
 
     def _display(self, payload: str) -> str:
         if payload.startswith("00002") and len(payload) == 6:

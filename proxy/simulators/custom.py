@@ -21,6 +21,7 @@ from proxy.protocols.custom import (
     password_bytes,
 )
 from proxy.simulators.base import NO_FAULTS, Faults, SimulatedDevice, Write
+from proxy.simulators.script import ScriptLike
 
 BEEP = 0x13
 READ_PARAMETER = 0x04
@@ -39,8 +40,10 @@ STATUS_DATA = bytes.fromhex("00 01")  # simulator's choice: mode 0 (shift closed
 class CustomRegister(SimulatedDevice):
     """The register's behaviour without I/O: an ACK at once for a good frame, then its response."""
 
-    def __init__(self, faults: Faults = NO_FAULTS, password: int = 999999) -> None:
-        super().__init__(faults)
+    ERROR_CODES = range(0x10000)
+
+    def __init__(self, faults: Faults = NO_FAULTS, password: int = 999999, *, script: ScriptLike | None = None) -> None:
+        super().__init__(faults, script=script)
         self._password = password_bytes(password)
 
     def make_framer(self) -> Framer:
@@ -60,6 +63,14 @@ class CustomRegister(SimulatedDevice):
 
     def busy_answer(self, frame: bytes) -> list[Write]:
         return [Write(bytes((ACK,)), answer=False), Write(self._error(frame[3], ERROR_PROTOCOL_BUSY))]
+
+    def request_command(self, frame: bytes) -> int:
+        return decode(frame).command
+
+    def error_answer(self, frame: bytes, code: int | None) -> list[Write]:
+        if code is None:
+            return self.busy_answer(frame)
+        return [Write(bytes((ACK,)), answer=False), Write(self._error(decode(frame).command, code))]
 
     def respond(self, frame: bytes) -> bytes:
         """The response frame to one well-formed request frame."""

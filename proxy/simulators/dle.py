@@ -7,16 +7,21 @@ and NAKs a frame that is cut short. Its busy answer is a frame with code 'B' (al
 
 from __future__ import annotations
 
+import attrs
+
 from proxy.protocols import Event, Junk
 from proxy.protocols.dle import ACK, DLE, KEYBOARD, NAK, Framer, build_frame, decode
 from proxy.simulators.base import NO_FAULTS, Faults, SimulatedDevice, Write
+from proxy.simulators.script import Fault, ScriptLike
 
 NODE = 1
 
 
 class DleRegister(SimulatedDevice):
-    def __init__(self, faults: Faults = NO_FAULTS, node: int = NODE) -> None:
-        super().__init__(faults)
+    COMMAND_TYPE = (int, str)
+
+    def __init__(self, faults: Faults = NO_FAULTS, node: int = NODE, *, script: ScriptLike | None = None) -> None:
+        super().__init__(faults, script=script)
         self.node = node
         self.keys: list[int] = []
         self._last_num: int | None = None
@@ -42,6 +47,27 @@ class DleRegister(SimulatedDevice):
                 self.keys += list(message.data)
             return [Write(bytes((ACK,)))]
         return [Write(build_frame(message.num, self.node, ord("R"), message.data))]
+
+    def request_command(self, frame: bytes) -> int:
+        return decode(frame).code
+
+    def matches(self, fault: Fault, frame: bytes) -> bool:
+        if isinstance(fault.command, str):  # a message code given as its letter: "A"
+            fault = attrs.evolve(fault, command=ord(fault.command))
+        return super().matches(fault, frame)
+
+    @classmethod
+    def script_problem(cls, fault: Fault) -> str | None:
+        if isinstance(fault.command, str) and len(fault.command) != 1:
+            return f"key 'match.command': {fault.command!r} is not a message code (one letter, or an integer)"
+        return super().script_problem(fault)
+
+    def error_answer(self, frame: bytes, code: int | None) -> list[Write]:
+        """A frame with message code `code` (DLE STX has no error codes; 'B', the busy answer's, by default)."""
+        if code is None:
+            return self.busy_answer(frame)
+        message = decode(frame)
+        return [Write(build_frame(message.num, self.node, code))]
 
     def busy_answer(self, frame: bytes) -> list[Write]:
         message = decode(frame)

@@ -13,6 +13,7 @@ from proxy.protocols import ProtocolError
 from proxy.protocols import energomera_ce as ce
 from proxy.protocols.energomera_ce import Framer, Packet
 from proxy.simulators.base import NO_FAULTS, Faults, SimulatedDevice, Write
+from proxy.simulators.script import ScriptLike
 
 SERIAL = "009218046950"
 ADDRESS = 46950
@@ -25,8 +26,12 @@ def bcd(value: int) -> int:
 
 
 class CeMeter(SimulatedDevice):
-    def __init__(self, faults: Faults = NO_FAULTS, password: int = ce.DEFAULT_PASSWORD) -> None:
-        super().__init__(faults)
+    ERROR_CODES = range(0x100)
+
+    def __init__(
+        self, faults: Faults = NO_FAULTS, password: int = ce.DEFAULT_PASSWORD, *, script: ScriptLike | None = None
+    ) -> None:
+        super().__init__(faults, script=script)
         self.password = password
 
     def make_framer(self) -> Framer:
@@ -58,6 +63,20 @@ class CeMeter(SimulatedDevice):
     def busy_answer(self, frame: bytes) -> list[Write]:
         request = self._accepted(frame)
         return [] if request is None else [self._reply(request, b"\x02", ce.CLASS_ERROR)]
+
+    def request_command(self, frame: bytes) -> int:
+        return ce.decode(frame, request=True).command
+
+    def error_answer(self, frame: bytes, code: int | None) -> list[Write]:
+        if code is None:
+            return self.busy_answer(frame)
+        request = self._accepted(frame)
+        return [] if request is None else [self._reply(request, bytes((code,)), ce.CLASS_ERROR)]
+
+    def corrupt_checksum(self, data: bytes) -> bytes:
+        payload = ce.unescape(data[1:-1])
+        wrong = next(crc for crc in (payload[-1] ^ 1, payload[-1] ^ 2) if crc not in (0xC0, 0xDB))
+        return data[:1] + ce.escape(payload[:-1] + bytes((wrong,))) + data[-1:]
 
     def _accepted(self, frame: bytes) -> Packet | None:
         try:

@@ -11,8 +11,21 @@ manufacturer's third letter is upper case (EKT).
 from __future__ import annotations
 
 from proxy.protocols import Event
-from proxy.protocols.iec61107 import ACK, BREAK, BUSY, NAK, SOH, Framer, block_data, command, data_block
+from proxy.protocols.iec61107 import (
+    ACK,
+    BREAK,
+    BUSY,
+    NAK,
+    SOH,
+    Framer,
+    bcc_sum,
+    bcc_xor,
+    block_data,
+    command,
+    data_block,
+)
 from proxy.simulators.base import NO_FAULTS, Faults, SimulatedDevice, Write
+from proxy.simulators.script import ScriptLike
 
 IDENTIFICATION = b"/EKT5CE301v12\r\n"
 ADDRESS = "046950"
@@ -31,8 +44,11 @@ REACTION_TIME = 0.2
 
 
 class IecMeter(SimulatedDevice):
-    def __init__(self, faults: Faults = NO_FAULTS) -> None:
-        super().__init__(faults)
+    COMMAND_TYPE = str
+    ERROR_CODES = range(100)
+
+    def __init__(self, faults: Faults = NO_FAULTS, *, script: ScriptLike | None = None) -> None:
+        super().__init__(faults, script=script)
         self.session = False
         self.authorised = False
 
@@ -77,6 +93,31 @@ class IecMeter(SimulatedDevice):
             value = VALUES.get(name)
             return [Write(data_block(f"{name}({value})" if value is not None else "(ERR12)"))]
         return [Write(bytes((NAK,)))]
+
+    def request_command(self, frame: bytes) -> str | None:
+        """The command: "/?" for a sign-on, "ACK" for an option select, else a block's code ("R1", "P1", "B0")."""
+        if frame.startswith(b"/?"):
+            return "/?"
+        if frame[0] == ACK:
+            return "ACK"
+        if frame[0] == SOH:
+            return frame[1:3].decode("ascii", "replace")
+        return None
+
+    def request_name(self, frame: bytes) -> str | None:
+        """The data name of a command block: VOLTA in R1 STX VOLTA() ETX."""
+        if frame[0] != SOH or b"\x02" not in frame:
+            return None
+        return frame.split(b"\x02", 1)[1].split(b"(")[0].rstrip(b"\x03").decode("ascii", "replace")
+
+    def error_answer(self, frame: bytes, code: int | None) -> list[Write]:
+        return [Write(data_block(f"({BUSY})" if code is None else f"(ERR{code:02d})"))]
+
+    def corrupt_checksum(self, data: bytes) -> bytes:
+        if data[:1] not in (bytes((SOH,)), b"\x02"):
+            return data  # the identification has no BCC
+        good = (bcc_xor(data[1:-1]), bcc_sum(data[1:-1]))
+        return data[:-1] + bytes((next(bcc for bcc in range(0x80) if bcc not in good),))
 
     def busy_answer(self, frame: bytes) -> list[Write]:
         return [Write(data_block(f"({BUSY})"))]

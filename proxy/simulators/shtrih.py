@@ -15,6 +15,7 @@ import struct
 from proxy.protocols import Control, Event, Junk
 from proxy.protocols.shtrih import ACK, ENQ, NAK, SHORT_STATUS, STX, Framer, build_frame, decode
 from proxy.simulators.base import NO_FAULTS, Faults, SimulatedDevice, Write
+from proxy.simulators.script import Fault, ScriptLike
 
 DEVICE_TYPE = 0xFC
 # The vendor's defaults: the password is the operator's (1 cashier ... 30 administrator).
@@ -38,8 +39,8 @@ def short_status(operator: int) -> bytes:
 class ShtrihRegister(SimulatedDevice):
     """Keeps its last response until the host ACKs it, and sends it again on ENQ after a host NAK."""
 
-    def __init__(self, faults: Faults = NO_FAULTS) -> None:
-        super().__init__(faults)
+    def __init__(self, faults: Faults = NO_FAULTS, *, script: ScriptLike | None = None) -> None:
+        super().__init__(faults, script=script)
         self._pending: bytes | None = None
         self._preparing = False
 
@@ -75,6 +76,20 @@ class ShtrihRegister(SimulatedDevice):
     def busy_answer(self, frame: bytes) -> list[Write]:
         command, _ = decode(frame)
         return [Write(bytes((ACK,)), answer=False), Write(build_frame(command, bytes((ERROR_PRINTING,))))]
+
+    def request_command(self, frame: bytes) -> int:
+        return decode(frame)[0]
+
+    def error_answer(self, frame: bytes, code: int | None) -> list[Write]:
+        command, _ = decode(frame)
+        self._pending = build_frame(command, bytes((ERROR_PRINTING if code is None else code,)))
+        return [Write(bytes((ACK,)), answer=False), Write(self._pending)]
+
+    def shape(self, fault: Fault, writes: list[Write], start: int | None = None) -> list[Write]:
+        writes = super().shape(fault, writes, start)
+        if any(write.answer and write.delay for write in writes):
+            self._preparing = True  # an ENQ meanwhile gets ACK: the answer is on its way
+        return writes
 
     def _respond(self, command: int, data: bytes) -> bytes:
         if command == DEVICE_TYPE:
