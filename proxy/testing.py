@@ -39,11 +39,14 @@ import trio
 from proxy.config import SIMULATED_PROTOCOLS
 from proxy.simulators import model_factory, serve_stream
 from proxy.simulators.base import NO_FAULTS, Faults, SimulatedDevice, Write
+from proxy.simulators.script import Fault, FaultScript, ScriptRun, as_run
 
 __all__ = [
     "NO_FAULTS",
     "BackgroundDevice",
     "Exchange",
+    "Fault",
+    "FaultScript",
     "Faults",
     "RunningDevice",
     "simulated_device",
@@ -93,8 +96,10 @@ class RunningDevice:
     Reading `exchanges` (and log()) is safe from any thread.
     """
 
-    def __init__(self, protocol: str, faults: Faults) -> None:
+    def __init__(self, protocol: str, faults: Faults, script: FaultScript | list[Fault] | None = None) -> None:
         self.protocol = protocol
+        # One run of the fault script for the device: its match counts go on across connections.
+        self._script: ScriptRun | None = as_run(script)
         self.path: Path | None = None
         self.tty: str | None = None
         self.address: tuple[str, int] | None = None
@@ -108,6 +113,8 @@ class RunningDevice:
         # Each stream being served: its model and the cancel scope that restarts its serving.
         self._serving: dict[_RecordingModel, trio.CancelScope] = {}
         self._connections = 0
+        # Links a scripted "drop" has ended so far; on a pty, the new one behind `path` is numbered so.
+        self.drops = 0
 
     @property
     def exchanges(self) -> list[Exchange]:
@@ -168,29 +175,41 @@ class RunningDevice:
 
     # -- for the serving tasks --
 
+    async def wait_for_drops(self, count: int) -> None:
+        """Waits until scripted drops have ended `count` links and, on a pty, a new one is up."""
+        while self.drops < count or (self.path is not None and self._replugging):
+            await self._changed.wait()
+
+    @property
+    def _replugging(self) -> bool:
+        return self.tty is None or not self.path.exists() or os.readlink(self.path) != self.tty
+
     def _record(self, exchange: Exchange) -> int:
         with self._lock:
             self._exchanges.append(exchange)
             index = len(self._exchanges) - 1
             self._grew.notify_all()
+        self._changed_now()
+        return index
+
+    def _changed_now(self) -> None:
         self._changed.set()
         self._changed = trio.Event()
-        return index
 
     def _answered(self, index: int, when: float) -> None:
         with self._lock:
             if index < len(self._exchanges):
                 self._exchanges[index] = attrs.evolve(self._exchanges[index], answered_at=when)
 
-    async def _serve(self, stream: trio.abc.Stream, connection: int) -> None:
-        """Serves `stream` until the host closes it; a changed delay restarts the serving."""
-        model = _recording_model(self.protocol, self._faults, self, connection)
+    async def _serve(self, stream: trio.abc.Stream, connection: int) -> bool:
+        """Serves `stream` until the host closes it (False) or a scripted fault drops the link (True);
+        a changed delay restarts the serving."""
+        model = _recording_model(self.protocol, self._faults, self._script, self, connection)
         try:
             while True:
                 with trio.CancelScope() as scope:
                     self._serving[model] = scope
-                    await serve_stream(stream, model)
-                    return
+                    return await serve_stream(stream, model)
                 model.outstanding.clear()  # those answers were never sent
         finally:
             del self._serving[model]
@@ -202,13 +221,15 @@ class _RecordingModel(SimulatedDevice):
     outstanding: dict[int, tuple[Write, int]]
 
 
-def _recording_model(protocol: str, faults: Faults, device: RunningDevice, connection: int) -> _RecordingModel:
+def _recording_model(
+    protocol: str, faults: Faults, script: ScriptRun | None, device: RunningDevice, connection: int
+) -> _RecordingModel:
     """The protocol's model, made to record each exchange in `device` and to keep quiet while offline."""
     base: Any = model_factory(protocol)
 
     class Recording(base, _RecordingModel):
         def __init__(self) -> None:
-            super().__init__(faults)
+            super().__init__(faults, script=script)
             self.request = bytearray()
             self.outstanding = {}  # id(write) -> (write, index of its exchange): writes not yet sent
 
@@ -239,7 +260,7 @@ def _recording_model(protocol: str, faults: Faults, device: RunningDevice, conne
         def _finish(self, writes: list[Write], offline: bool = False) -> None:
             exchange = Exchange(
                 request=bytes(self.request),
-                writes=tuple(write.data for write in writes),
+                writes=tuple(write.data for write in writes if write.data),  # not a hang-up's marker
                 received_at=time.monotonic(),
                 connection=connection,
                 offline=offline,
@@ -271,20 +292,23 @@ async def simulated_device(
     host: str = "127.0.0.1",
     port: int = 0,
     faults: Faults = NO_FAULTS,
+    script: FaultScript | list[Fault] | None = None,
 ) -> AsyncIterator[RunningDevice]:
     """A simulated `protocol` device, running until the block ends.
 
     On a new pseudo-terminal by default (pty=True says so explicitly): `device.path` is a symlink to
     its slave side in a new temporary directory, `device.tty` the slave itself. With tcp=True it listens
     on `host`:`port` (port 0: a free one) and `device.address` is the (host, port) it is bound to.
-    `faults` are the device's fault knobs from the start.
+    `faults` are the device's fault knobs from the start, `script` its scripted faults
+    (proxy.simulators.script: which request fails and how); a scripted "drop" closes a TCP connection,
+    or hangs the pty up and makes a new one behind the same `device.path`.
 
     Raises ValueError for a protocol with no simulator, or for both pty and tcp. Resource handling: the
     pty pair, the symlink and its directory, or the listening socket and every connection, are closed
     and removed when the block ends, however it ends.
     """
     _check(protocol, pty, tcp)
-    device = RunningDevice(protocol, faults)
+    device = RunningDevice(protocol, faults, script)
     if tcp:
         listeners = await trio.open_tcp_listeners(port, host=host)
         try:
@@ -298,38 +322,55 @@ async def simulated_device(
             for listener in listeners:
                 await trio.aclose_forcefully(listener)
         return
-    with _pty(protocol) as (master, link, slave_path):
-        device.path, device.tty = link, slave_path
-        stream = trio.lowlevel.FdStream(master)
-        async with stream, trio.open_nursery() as nursery:  # the serving ends before the stream closes
-            nursery.start_soon(device._serve, stream, 0)
+    directory = Path(tempfile.mkdtemp(prefix="devproxy-"))
+    try:
+        device.path = directory / f"tty{protocol.upper().replace('-', '_')}"
+        async with trio.open_nursery() as nursery:
+            await nursery.start(_serve_pty, device)
             yield device
             nursery.cancel_scope.cancel()
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+async def _serve_pty(device: RunningDevice, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    """Serves a pty behind device.path; after a scripted drop, a new one behind the same path."""
+    assert device.path is not None
+    while True:
+        with _pty(device.path) as (master, slave_path):
+            device.tty = slave_path
+            stream = trio.lowlevel.FdStream(master)
+            async with stream:  # the serving ends before the stream closes
+                if device.drops == 0:
+                    task_status.started()
+                else:
+                    device._changed_now()
+                dropped = await device._serve(stream, device.drops)
+        if not dropped:
+            return
+        device.drops += 1
 
 
 @contextlib.contextmanager
-def _pty(protocol: str) -> Iterator[tuple[int, Path, str]]:
-    """A raw pty pair with a symlink to its slave in a new temporary directory: (master, link, slave
-    path). The caller owns the master once this yields; the slave stays open here, so that a host
-    closing it causes no EIO on the master side, and is closed with the link and the directory after."""
-    directory = Path(tempfile.mkdtemp(prefix="devproxy-"))
+def _pty(link: Path) -> Iterator[tuple[int, str]]:
+    """A raw pty pair with `link` pointing at its slave: (master, slave path). The caller owns the master
+    once this yields; the slave stays open here, so that a host closing it causes no EIO on the master
+    side, and is closed, and the link removed, after."""
+    master, slave = os.openpty()
     try:
-        master, slave = os.openpty()
-        try:
-            tty.setraw(slave)
-            slave_path = os.ttyname(slave)
-            link = directory / f"tty{protocol.upper().replace('-', '_')}"
-            link.symlink_to(slave_path)
-        except BaseException:
-            os.close(master)
-            os.close(slave)
-            raise
-        try:
-            yield master, link, slave_path
-        finally:
-            os.close(slave)
+        tty.setraw(slave)
+        slave_path = os.ttyname(slave)
+        link.unlink(missing_ok=True)
+        link.symlink_to(slave_path)
+    except BaseException:
+        os.close(master)
+        os.close(slave)
+        raise
+    try:
+        yield master, slave_path
     finally:
-        shutil.rmtree(directory, ignore_errors=True)
+        link.unlink(missing_ok=True)
+        os.close(slave)
 
 
 async def _serve_tcp(device: RunningDevice, listeners: list[trio.SocketListener]) -> None:
@@ -467,12 +508,13 @@ def simulated_device_sync(
     host: str = "127.0.0.1",
     port: int = 0,
     faults: Faults = NO_FAULTS,
+    script: FaultScript | list[Fault] | None = None,
 ) -> Iterator[BackgroundDevice]:
     """simulated_device() for tests that are not async: the device runs in a trio run on a thread of its
     own until the block ends, then the thread is joined. The arguments and the errors are
     simulated_device()'s; an error that ended the device early is raised when the block ends."""
     _check(protocol, pty, tcp)
-    runner = _Thread(protocol, {"pty": pty, "tcp": tcp, "host": host, "port": port, "faults": faults})
+    runner = _Thread(protocol, {"pty": pty, "tcp": tcp, "host": host, "port": port, "faults": faults, "script": script})
     device = runner.start()
     try:
         yield device

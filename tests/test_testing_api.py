@@ -12,7 +12,7 @@ import pytest
 import trio
 
 from proxy.config import SIMULATED_PROTOCOLS
-from proxy.testing import Faults, simulated_device, simulated_device_sync
+from proxy.testing import Fault, Faults, simulated_device, simulated_device_sync
 
 from helpers import BEEP, BEEP_ANSWER, WAIT_LIMIT, receive_exactly
 
@@ -177,3 +177,42 @@ def test_a_sync_device_that_cannot_start_raises_and_leaves_no_thread():
     assert threading.active_count() == threads
     with pytest.raises(ValueError, match="no simulated device"), simulated_device_sync("nope"):
         pass
+
+
+async def test_a_scripted_error_answers_the_nth_match_and_the_rest_go_through():
+    script = [Fault("error", command=0x13, nth=2, code=3505)]
+    async with simulated_device("custom", tcp=True, script=script) as device:
+        host = await trio.open_tcp_stream(*device.address)
+        async with host:
+            answers = []
+            for size in (9, 8, 9):
+                await host.send_all(BEEP)
+                answers.append(await receive_exactly(host, size))
+        # The error answer: ACK, then a frame of length 3 with the code 3505 (0DB1h) after the command.
+        assert answers == [BEEP_ANSWER, bytes.fromhex("06 01 03 00 13 b1 0d d4"), BEEP_ANSWER]
+        assert [exchange.answer for exchange in device.exchanges] == answers
+
+
+async def test_a_scripted_drop_on_a_pty_hangs_it_up_and_a_new_one_answers_behind_the_same_path():
+    fds = open_fds()
+    async with simulated_device("custom", script=[Fault("drop", command=0x13, nth=1, after=1)]) as device:
+        async with open_pty_host(device.path) as host:
+            await host.send_all(BEEP)
+            assert await receive_exactly(host, 2) == ACK + BEEP_ANSWER[1:2]  # after = 1 byte of the answer
+            with trio.fail_after(WAIT_LIMIT):
+                assert await host.receive_some() == b""  # the hang-up
+        with trio.fail_after(WAIT_LIMIT):
+            await device.wait_for_drops(1)
+        async with open_pty_host(device.path) as host:
+            await host.send_all(BEEP)
+            assert await receive_exactly(host, 9) == BEEP_ANSWER
+        assert [exchange.connection for exchange in device.exchanges] == [0, 1]
+    assert open_fds() == fds
+
+
+def test_the_sync_device_takes_a_script_too():
+    with simulated_device_sync("custom", tcp=True, script=[Fault("silence", command=0x13)]) as device:
+        with socket.create_connection(device.address, timeout=WAIT_LIMIT) as host:
+            host.sendall(BEEP)
+            assert host.recv(16) == ACK
+        device.wait_for_exchanges(1)
