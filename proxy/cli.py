@@ -28,6 +28,8 @@ EXIT_DEVICE = 3
 EXIT_INTERRUPTED = 128 + signal.SIGINT
 EXIT_CLOSED_PIPE = 128 + signal.SIGPIPE
 USES_CONFIG = ("run", "check", "status", "devices")
+# `simulate replay FILE`: a recording served as a device, in place of a protocol's simulator.
+REPLAY = "replay"
 CONFIG_HELP = "settings file (default: $DEVPROXY_CONFIG, else ./settings.toml)"
 EPILOG = """\
 -c PATH may come before or after the command and its action (devproxy devices list -c PATH).
@@ -168,12 +170,16 @@ def build_parser() -> argparse.ArgumentParser:
         "A simulated device until SIGINT or SIGTERM: on a new pseudo-terminal (LINK becomes a symlink\n"
         "to it), or on a TCP port with a device of its own for each connection (port 0 picks a free\n"
         "port and prints it). The fault options make it slow, NAK, drop answers or answer busy;\n"
-        "--script FILE scripts faults per request (a TOML file of [[fault]] tables, see the README).",
+        "--script FILE scripts faults per request (a TOML file of [[fault]] tables, see the README).\n"
+        "`replay FILE` serves a recording made with `record` (a [[device]] key): each request gets the\n"
+        "recorded answer to the same bytes, or with --in-order the recorded answers in their order.",
         "  devproxy simulate custom --pty /tmp/ttyFPTR\n"
         "  devproxy simulate shtrih --listen 127.0.0.1:0 --delay 2 --busy\n"
-        "  devproxy simulate custom --pty /tmp/ttyFPTR --script faults.toml",
+        "  devproxy simulate custom --pty /tmp/ttyFPTR --script faults.toml\n"
+        "  devproxy simulate replay fptr1.jsonl --pty /tmp/ttyFPTR --timing recorded",
     )
-    simulate.add_argument("protocol", choices=config.SIMULATED_PROTOCOLS)
+    simulate.add_argument("protocol", choices=(*config.SIMULATED_PROTOCOLS, REPLAY))
+    simulate.add_argument("recording", nargs="?", type=Path, metavar="FILE", help="replay: the recording")
     where = simulate.add_mutually_exclusive_group(required=True)
     where.add_argument("--pty", metavar="LINK", type=Path, help="make a pseudo-terminal; LINK becomes a symlink to it")
     where.add_argument("--listen", metavar="HOST:PORT", type=_address, help="accept hosts on this TCP address")
@@ -186,6 +192,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     simulate.add_argument(
         "--script", type=Path, default=None, metavar="FILE", help="scripted faults: a TOML file of [[fault]] tables"
+    )
+    simulate.add_argument(
+        "--in-order", action="store_true", help="replay: the recorded answers in recorded order, whatever is asked"
+    )
+    simulate.add_argument(
+        "--timing",
+        choices=("none", "recorded"),
+        default="none",
+        help="replay: answer at once (none, the default) or after the recorded times (recorded)",
     )
 
     send = _command(
@@ -463,6 +478,11 @@ def simulate(args: argparse.Namespace) -> int:
     from proxy.simulators.script import ScriptError, load_script
 
     faults = Faults(args.delay, args.nak_every, args.drop_every, args.busy, args.reaction_time)
+    if args.protocol == REPLAY or args.recording is not None:
+        return _simulate_replay(args, faults)
+    if args.in_order or args.timing != "none":
+        print("error: --in-order and --timing are for `simulate replay FILE`", file=sys.stderr)
+        return EXIT_CONFIG
     script = None
     if args.script is not None:
         try:
@@ -485,6 +505,48 @@ def simulate(args: argparse.Namespace) -> int:
             )
     except BrokenPipeError:
         raise  # stdout, closed by its reader: main() ends quietly
+    except OSError as exc:
+        where = f"a pty linked as {args.pty}" if args.pty is not None else f"{args.listen}"
+        print(f"error: cannot simulate a device on {where}: {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    return EXIT_OK
+
+
+def _simulate_replay(args: argparse.Namespace, faults: object) -> int:
+    """`simulate replay FILE`: a recording served as a device; 2 for a bad file or options."""
+    from proxy import log
+    from proxy.recording import RecordingError, load_recording
+    from proxy.simulators import serve_pty, serve_tcp
+    from proxy.simulators.base import Faults
+    from proxy.simulators.replay import ReplayDevice
+
+    if args.protocol != REPLAY:
+        print(f"error: FILE is for `simulate replay FILE`, not {args.protocol}", file=sys.stderr)
+        return EXIT_CONFIG
+    if args.recording is None:
+        print("error: simulate replay needs the recording: devproxy simulate replay FILE --pty LINK", file=sys.stderr)
+        return EXIT_CONFIG
+    if faults != Faults() or args.script is not None:
+        print("error: the fault options and --script are not for replay (it plays what was recorded)", file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        records = load_recording(args.recording)
+    except RecordingError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+
+    def model() -> ReplayDevice:
+        return ReplayDevice(records, in_order=args.in_order, timing=args.timing)
+
+    name = f"replay of {args.recording} ({len(records)} exchanges)"
+    log.setup(ProxyConfig())
+    try:
+        if args.pty is not None:
+            _run_until_signal(lambda task_status: serve_pty(name, args.pty, model=model, task_status=task_status))
+        else:
+            _run_until_signal(lambda task_status: serve_tcp(name, args.listen, model=model, task_status=task_status))
+    except BrokenPipeError:
+        raise
     except OSError as exc:
         where = f"a pty linked as {args.pty}" if args.pty is not None else f"{args.listen}"
         print(f"error: cannot simulate a device on {where}: {exc.strerror or exc}", file=sys.stderr)

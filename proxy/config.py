@@ -32,6 +32,9 @@ NAME_PATTERN = re.compile(r"[\w-]+")
 MAX_FILE_SIZE = 1024 * 1024
 # raw protocol: the longest max_message allowed (the default is the protocol's MAX_MESSAGE).
 MAX_MESSAGE_LIMIT = 16 * 1024 * 1024
+# record_max_bytes: the default, and the least (a file smaller than a few records would rotate at each).
+RECORD_MAX_BYTES = 10 * 1024 * 1024
+RECORD_MIN_BYTES = 4096
 SIZE_PATTERN = re.compile(r"\d+(\.\d+)?\s*(B|KB|MB|GB|KiB|MiB|GiB)", re.IGNORECASE)
 
 
@@ -120,10 +123,18 @@ class DeviceConfig:
     # iec61107 on a serial device: sessions start at this rate and follow the option select's.
     iec_signon_baudrate: int = 300
     iec_baud_switch: bool = True
+    # type = "simulator": a fault script for the simulated device (proxy.simulators.script), "" = none.
+    fault_script: str = ""
     # Wait and exchange histograms of this device's own on /metrics (else it adds to the pooled ones).
     metrics_histograms: bool = True
     # This device's lines below it are dropped; "" = [proxy] log_level.
     log_level: str = ""
+    # Every exchange as a JSON line in this file ("" = none), rotated at record_max_bytes, record_keep old
+    # files kept; bytes matching record_redact are masked (proxy.recording).
+    record: str = ""
+    record_max_bytes: int = RECORD_MAX_BYTES
+    record_keep: int = 3
+    record_redact: tuple[str, ...] = ()
 
     @property
     def switches_baud(self) -> bool:
@@ -428,8 +439,13 @@ def _device_table(index: int, raw: dict[str, Any], problems: _Problems) -> Devic
     table.integer("max_message", 1, MAX_MESSAGE_LIMIT)
     table.integer("iec_signon_baudrate", 1)
     table.boolean("iec_baud_switch")
+    table.take("fault_script", lambda v: isinstance(v, str), "a file path")
     table.boolean("metrics_histograms")
     table.string("log_level", LOG_LEVELS)
+    table.take("record", lambda v: isinstance(v, str), "a file path", _check_log_file)
+    table.integer("record_max_bytes", RECORD_MIN_BYTES)
+    table.integer("record_keep", 0, 1000)
+    table.take("record_redact", lambda v: isinstance(v, list), "a list of patterns", _list_of(_check_redaction))
     config = DeviceConfig(**{"name": "", **table.values})
     _check_device(table, config)
     return config if config.name else None
@@ -438,6 +454,13 @@ def _device_table(index: int, raw: dict[str, Any], problems: _Problems) -> Devic
 def _check_name(value: str) -> str:
     if not NAME_PATTERN.fullmatch(value):
         raise ValueError(f"{value!r} may hold only letters, digits, '-' and '_' (no spaces or other signs)")
+    return value
+
+
+def _check_redaction(value: str) -> str:
+    from proxy.recording import compile_redaction
+
+    compile_redaction(value)  # RedactError is a ValueError: reported with the table and key
     return value
 
 
@@ -467,12 +490,20 @@ def _check_device(table: _Table, config: DeviceConfig) -> None:
         table.fail("protocol", f"is missing (a simulator plays one of {', '.join(SIMULATED_PROTOCOLS)})")
     elif config.type == "simulator" and raw["protocol"] in PROTOCOLS and raw["protocol"] not in SIMULATED_PROTOCOLS:
         table.fail("protocol", f"{config.protocol!r} has no simulator (simulated: {', '.join(SIMULATED_PROTOCOLS)})")
+    if config.fault_script and config.type != "simulator":
+        table.fail("fault_script", 'is for type = "simulator" devices')
+    elif config.fault_script and config.protocol in SIMULATED_PROTOCOLS:
+        _check_fault_script(table, config)
     if "listen" in table.values and not config.listen:
         table.fail("listen", "is empty: no client could reach this device")
     elif "listen" not in raw:
         table.fail("listen", "is missing: no client could reach this device")
     if config.busy_reply == AUTO and config.sharing != "exchange":
         table.fail("busy_reply", "'auto' answers a refused request, so it needs sharing = 'exchange'")
+    if not config.record:
+        for key in ("record_max_bytes", "record_keep", "record_redact"):
+            if key in raw:
+                table.fail(key, f"= {raw[key]!r} has no effect: record (the file) is not set")
 
 
 def _dialin_table(raw: dict[str, Any], problems: _Problems) -> DialinConfig:
@@ -538,6 +569,16 @@ def _parse_port_range(value: str) -> tuple[int, int] | None:
     if not match or not 1 <= int(match.group(1)) <= int(match.group(2)) <= 65535:
         raise ValueError(f'{value!r} is not a port range such as "7500-7999", or "any"')
     return int(match.group(1)), int(match.group(2))
+
+
+def _check_fault_script(table: _Table, config: DeviceConfig) -> None:
+    """The script loads and fits the protocol; its problem is reported under fault_script."""
+    from proxy.simulators.script import ScriptError, load_script
+
+    try:
+        load_script(config.fault_script).check(config.protocol)
+    except ScriptError as exc:
+        table.fail("fault_script", str(exc))
 
 
 def _check_clashes(settings: Settings, problems: _Problems) -> None:

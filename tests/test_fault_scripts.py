@@ -20,14 +20,14 @@ import pytest
 import trio
 import trio.testing
 
-from proxy.config import Address
+from proxy.config import Address, ConfigError, parse
 from proxy.protocols import ProtocolError, atol2, atol3, coges, custom, dle, iec61107, shtrih
 from proxy.protocols import energomera_ce as ce
 from proxy.simulators import Fault, FaultScript, load_script, model_factory, serve_pty, serve_stream, serve_tcp
 from proxy.simulators.base import Faults
 from proxy.simulators.script import ScriptError, ScriptRun, parse_script
 
-from helpers import receive_exactly
+from helpers import connect, receive_exactly, running_proxy, settings_for
 
 H = bytes.fromhex
 ROOT = Path(__file__).resolve().parent.parent
@@ -551,3 +551,36 @@ def test_the_cli_refuses_a_bad_script_with_exit_2(tmp_path):
 
 def test_parse_script_accepts_an_empty_script():
     assert parse_script("", "x.toml") == FaultScript((), "x.toml")
+
+
+# -- a type = "simulator" device of the proxy with a fault_script --------------------------------
+
+
+def test_fault_script_is_checked_with_the_settings(tmp_path):
+    script = tmp_path / "faults.toml"
+    script.write_text('[[fault]]\naction = "nak"\n')
+    simulator = {"name": "r", "type": "simulator", "listen": ["127.0.0.1:0"], "fault_script": str(script)}
+    with pytest.raises(ConfigError, match=r"fault_script.*the protocol has no NAK \(atol3\)"):
+        parse({"device": [{**simulator, "protocol": "atol3"}]})
+    with pytest.raises(ConfigError, match=r'fault_script.*is for type = "simulator" devices'):
+        parse({"device": [{**simulator, "type": "tcp", "path": "127.0.0.1:1", "protocol": "custom"}]})
+    assert parse({"device": [{**simulator, "protocol": "custom"}]}).devices[0].fault_script == str(script)
+
+
+async def test_a_simulator_device_plays_its_fault_script_through_the_proxy_and_a_drop_fires_once(tmp_path):
+    script = tmp_path / "faults.toml"
+    script.write_text('[[fault]]\nmatch = { command = 0x13 }\nnth = 2\naction = "drop"\nafter = 0\n')
+    beep, answer = bytes.fromhex("01 05 00 13 3F 42 0F 00 A8"), bytes.fromhex("06 01 04 00 13 00 00 63 7A")
+    settings = settings_for(
+        {"name": "reg", "type": "simulator", "protocol": "custom", "sharing": "exchange", "fault_script": str(script)}
+    )
+    async with running_proxy(settings) as running:
+        async with await connect(running, "reg") as client:
+            await client.send_all(beep)
+            assert await receive_exactly(client, 9) == answer
+            await client.send_all(beep)  # the second beep: the link drops after the ACK
+            assert await receive_exactly(client, 1) == b"\x06"
+        for _ in range(3):  # the link is opened again, and the script's count goes on: no more drops
+            async with await connect(running, "reg") as client:
+                await client.send_all(beep)
+                assert await receive_exactly(client, 9) == answer

@@ -8,6 +8,11 @@ from loguru import logger
 from proxy.config import DeviceConfig
 from proxy.simulators import model_factory, serve_stream
 from proxy.simulators.base import NO_FAULTS
+from proxy.simulators.script import ScriptError, ScriptRun, as_run, load_script
+
+# Each simulated device's run of its fault_script, by device name and script path: the match counts go on
+# across the links the proxy opens (a scripted drop's "nth = 1" fires once, not at every reopen).
+_script_runs: dict[tuple[str, str], ScriptRun | None] = {}
 
 
 async def open_simulator(config: DeviceConfig, nursery: trio.Nursery) -> trio.SocketStream:
@@ -26,8 +31,23 @@ async def _run(config: DeviceConfig, stream: trio.SocketStream) -> None:
     its link lost and opens a new one, as with a real device that was reset."""
     async with stream:
         try:
-            await serve_stream(stream, model_factory(config.protocol)(NO_FAULTS))
+            await serve_stream(stream, model_factory(config.protocol)(NO_FAULTS, script=_script_run(config)))
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             logger.debug("{}: simulated device: proxy end closed", config.name)
         except Exception:
             logger.exception("{}: simulated device failed; it restarts with the next open", config.name)
+
+
+def _script_run(config: DeviceConfig) -> ScriptRun | None:
+    """The device's fault script run (None without one). A script that became unreadable since `check`
+    is logged and the device runs without faults."""
+    key = (config.name, config.fault_script)
+    if key not in _script_runs:
+        run = None
+        if config.fault_script:
+            try:
+                run = as_run(load_script(config.fault_script))
+            except ScriptError as exc:
+                logger.error("{}: simulated device runs without its fault script: {}", config.name, exc)
+        _script_runs[key] = run
+    return _script_runs[key]

@@ -31,6 +31,7 @@ from proxy.counters import ExchangeResult
 from proxy.device import BROKEN, LinkLost, State
 from proxy.events import Kind
 from proxy.protocols import NUMBERS_PER_REQUEST, Event, Frame, Junk
+from proxy.recording import Take, recorder_for, run_beside
 
 if TYPE_CHECKING:
     from proxy.clients import Client
@@ -62,11 +63,13 @@ class Queued:
 class Flight:
     """The request the device is answering now."""
 
-    __slots__ = ("answer", "answer_head", "answer_size", "delivering", "orphan_pending", "queued")
+    __slots__ = ("answer", "answer_head", "answer_size", "delivering", "orphan_pending", "queued", "take")
 
     def __init__(self, queued: Queued, answer: Answer) -> None:
         self.queued = queued
         self.answer = answer
+        # The exchange as it is recorded (`record`), or None.
+        self.take: Take | None = None
         self.answer_head = b""
         self.answer_size = 0
         # The reader waits for the client to take a chunk: the device is not read, so its silence
@@ -102,6 +105,7 @@ class ExchangeSharing:
         self._stopping = False
         # Counts the requests written, for protocols that renumber their packets (Exchange.request_bytes).
         self._written = 0
+        self.recorder = recorder_for(device.config)
 
     @property
     def holder(self) -> str | None:
@@ -121,6 +125,10 @@ class ExchangeSharing:
     # -- the clock -------------------------------------------------------------------------------
 
     async def run(self) -> None:
+        """The device's clock, and the recorder's writer beside it when the device records."""
+        await run_beside(self.recorder, self._run_clock)
+
+    async def _run_clock(self) -> None:
         """The device's clock: wakes at the earliest deadline of the request in flight and the queue."""
         while True:
             with trio.CancelScope(deadline=self._wake_at) as self._clock:
@@ -290,6 +298,8 @@ class ExchangeSharing:
         now = trio.current_time()
         flight = Flight(queued, Answer(self.protocol.exchange(queued.request), config, now))
         self._flight = flight
+        if self.recorder is not None and queued.client is not None:
+            flight.take = self.recorder.take(flight.name, queued.request.raw, now)
         if self._framer is not None:
             self._framer.reset()
         device.discard_stale()
@@ -378,6 +388,8 @@ class ExchangeSharing:
         if len(flight.answer_head) < 32:
             flight.answer_head += data[: 32 - len(flight.answer_head)]
         flight.answer_size += len(data)
+        if flight.take is not None:
+            flight.take.answered(data, trio.current_time())
         client = flight.client
         flight.delivering = True
         try:
@@ -419,6 +431,8 @@ class ExchangeSharing:
         else:
             result = ExchangeResult.LATE if answer.late else ExchangeResult.OK
         self._log(flight, result or "ok")
+        if flight.take is not None and result is not None:
+            self.recorder.finish(flight.take, trio.current_time(), result)
         if result is not None:
             seconds = trio.current_time() - answer.sent_at
             self.device.count_exchange(result, seconds)
@@ -433,6 +447,8 @@ class ExchangeSharing:
         self._log(flight, f"{result} ({why})")
         if client is None:
             return
+        if flight.take is not None:
+            self.recorder.finish(flight.take, trio.current_time(), result)
         seconds = trio.current_time() - flight.answer.sent_at
         self.device.count_exchange(result, seconds)
         self.device.events.record(Kind.EXCHANGE, f"{result}: {why}", flight.name, seconds)

@@ -24,6 +24,7 @@ from proxy.device import BROKEN, LinkLost, Refused, State
 from proxy.events import Kind
 from proxy.protocols import DeviceProtocol, Event
 from proxy.protocols.raw import RawExchange
+from proxy.recording import Recorder, Take, recorder_for
 
 if TYPE_CHECKING:
     from proxy.clients import Client
@@ -40,14 +41,20 @@ class RawTracker:
     """What a raw device may still owe: the answer to the client's last bytes (raw has no frames).
 
     A raw device may speak first (a scale, a reader): all it sends goes to the client as it comes.
+
+    Recorded (`record`), an exchange is what the client sent until the device answered, and the answer
+    is all the device sent until the client spoke again (or its turn ended): pairs split by silence.
     """
 
     holds_partial = False
     line_rate = None
 
-    def __init__(self, config: DeviceConfig) -> None:
+    def __init__(self, config: DeviceConfig, recorder: Recorder | None = None, client: str = "") -> None:
         self._config = config
         self._answer: Answer | None = None
+        self._recorder = recorder
+        self._client = client
+        self._take: Take | None = None
 
     def client_sent(self, data: bytes, now: float) -> None:
         answer = self._answer
@@ -55,12 +62,27 @@ class RawTracker:
             self._answer = Answer(RawExchange(), self._config, now)
         else:
             answer.sent_at = now
+        if self._recorder is not None:
+            take = self._take
+            if take is None or take.first_byte is not None:
+                self.end_recording(now)
+                self._take = self._recorder.take(self._client, data, now)
+            else:
+                take.request += data
 
     def device_sent(self, data: bytes, now: float) -> Sorted:
         answer = self._answer
         if answer is not None and not answer.complete:
             answer.heard(now)
+        if self._take is not None:
+            self._take.answered(data, now)
         return data, b"", b""
+
+    def end_recording(self, now: float) -> None:
+        """The pair recorded so far is complete (the client spoke again, or its turn ended)."""
+        take, self._take = self._take, None
+        if take is not None and self._recorder is not None:
+            self._recorder.finish(take, now, "ok" if take.first_byte is not None else "no_answer")
 
     def pending(self) -> Answer | None:
         answer = self._answer
@@ -90,11 +112,19 @@ class FramedTracker:
     repeated or late answer) is dropped, and so is all the device sends before the client has sent
     anything, since these devices never speak first. A message with no answer owed, after the client
     spoke, is passed on as it would be on a direct line.
+
+    Recorded (`record`), each request is an exchange, with the messages passed on as its answer.
     """
 
-    def __init__(self, protocol: DeviceProtocol, config: DeviceConfig) -> None:
+    def __init__(
+        self, protocol: DeviceProtocol, config: DeviceConfig, recorder: Recorder | None = None, client: str = ""
+    ) -> None:
         self._protocol = protocol
         self._config = config
+        self._recorder = recorder
+        self._client = client
+        # The exchanges being recorded, in order, each with the Answer that says when it is complete.
+        self._takes: deque[tuple[Answer, Take]] = deque()
         self._host = protocol.host_framer()
         self._device = protocol.device_framer()
         self._answers: deque[Answer] = deque()
@@ -118,6 +148,8 @@ class FramedTracker:
         self._spoken = True
         self.last_client_bytes = now
         self._take(self._host.feed(data), now)
+        if self._takes:
+            self._record_complete(now)  # the host's own part may have ended an exchange (a final ACK)
 
     def client_left(self) -> float:
         """The client sends nothing more: what its framer held back is taken as it stands (a truncated
@@ -140,6 +172,8 @@ class FramedTracker:
                 continue
             if protocol.is_request(event):
                 answers.append(Answer(protocol.exchange(event), self._config, now))
+                if self._recorder is not None:
+                    self._takes.append((answers[-1], self._recorder.take(self._client, event.raw, now)))
 
     def device_sent(self, data: bytes, now: float) -> Sorted:
         self._last_byte = now
@@ -157,12 +191,36 @@ class FramedTracker:
                 answers.popleft()
             if answers:
                 to_pass, to_play, to_drop = answers[0].feed([event], now)
+                if self._takes and to_pass:
+                    self._record_answer(answers[0], to_pass, now)
                 passed.append(to_pass)
                 replies.append(to_play)
                 dropped.append(to_drop)
             else:
                 (passed if self._spoken else dropped).append(event.raw)
+        if self._takes:
+            self._record_complete(now)
         return b"".join(passed), b"".join(replies), b"".join(dropped)
+
+    def _record_answer(self, answer: Answer, data: bytes, now: float) -> None:
+        for recorded, take in self._takes:
+            if recorded is answer:
+                take.answered(data, now)
+                return
+
+    def _record_complete(self, now: float) -> None:
+        """Complete exchanges, in order, go to the recorder."""
+        takes = self._takes
+        while takes and takes[0][0].complete:
+            _, take = takes.popleft()
+            self._recorder.finish(take, now, "ok")
+
+    def end_recording(self, now: float) -> None:
+        """The client's turn ended: what is still being recorded is recorded as it stands."""
+        takes = self._takes
+        while takes:
+            answer, take = takes.popleft()
+            self._recorder.finish(take, now, "ok" if answer.complete else "incomplete")
 
     def pending(self) -> Answer | None:
         answers = self._answers
@@ -224,8 +282,7 @@ class Lease:
 class SessionSharing:
     """The device's FIFO lock and the lease that holds it."""
 
-    needs_task = False
-    __slots__ = ("_lease", "_lock", "_stopping", "_waiters", "config", "device")
+    __slots__ = ("_lease", "_lock", "_stopping", "_waiters", "config", "device", "recorder")
 
     def __init__(self, device: Device) -> None:
         self.device = device
@@ -237,6 +294,12 @@ class SessionSharing:
         # The clients waiting for their turn, in arrival order, with since when.
         self._waiters: dict[Client, float] = {}
         self._stopping = False
+        self.recorder = recorder_for(device.config)
+
+    @property
+    def needs_task(self) -> bool:
+        """Only a recording device needs a task: its recorder's writer."""
+        return self.recorder is not None
 
     @property
     def holder(self) -> str | None:
@@ -254,12 +317,17 @@ class SessionSharing:
         return [(client.name, since) for client, since in self._waiters.items()]
 
     async def run(self) -> None:
-        """Session sharing needs no task of its own: each client's task keeps its own time."""
+        """Session sharing keeps no time of its own (each client's task keeps its own): this runs only the
+        recorder's writer, for a device that records."""
+        if self.recorder is not None:
+            await self.recorder.run()
 
-    def _tracker(self) -> Tracker:
+    def _tracker(self, client: str | None) -> Tracker:
+        """A tracker for `client`'s turn (None: a ping's, which is not recorded)."""
+        recorder = self.recorder if client is not None else None
         if self.config.protocol == "raw":
-            return RawTracker(self.config)
-        return FramedTracker(self.device.protocol, self.config)
+            return RawTracker(self.config, recorder, client or "")
+        return FramedTracker(self.device.protocol, self.config, recorder, client or "")
 
     # -- a client's turn -------------------------------------------------------------------------
 
@@ -291,7 +359,7 @@ class SessionSharing:
             self._lock.release()
             raise Refused("offline", "the device is being stopped")
         # No checkpoint from here until serve()'s try: a cancellation cannot leave the lock taken.
-        lease = Lease(client.name, client, self._tracker())
+        lease = Lease(client.name, client, self._tracker(client.name))
         self._lease = lease
         waited = trio.current_time() - started
         device.counters.leases_granted += 1
@@ -565,6 +633,8 @@ class SessionSharing:
         """Gives the device to the next waiter; any task may call it, once per lease."""
         device = self.device
         self._lease = None
+        if self.recorder is not None:
+            lease.tracker.end_recording(trio.current_time())
         if lease.name != PING:
             device.events.record(Kind.RELEASE, client=lease.name)
         device.set_state(State.IDLE)
@@ -615,7 +685,7 @@ class SessionSharing:
         if not self._lock.value or not self.device.link_up:
             return False
         self._lock.acquire_nowait()
-        lease = Lease(PING, None, self._tracker())
+        lease = Lease(PING, None, self._tracker(None))
         self._lease = lease
         nursery.start_soon(self._ping, lease, data)
         return True

@@ -123,12 +123,15 @@ async def serve_pty(
     faults: Faults | FaultScript | list[Fault] = NO_FAULTS,
     *,
     script: FaultScript | list[Fault] | ScriptRun | None = None,
+    model: Callable[[], SimulatedDevice] | None = None,
     task_status=trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Runs the device on a new pseudo-terminal; `link` becomes a symlink to its slave side.
 
     task_status gets a line for the user naming the slave path. `faults` are the global knobs (or a
-    fault script), `script` the scripted faults (proxy.simulators.script).
+    fault script), `script` the scripted faults (proxy.simulators.script). `model`, when given, makes
+    the device instead of `protocol`'s simulator (a replayed recording: proxy.simulators.replay), and
+    `protocol` only names it.
 
     Resource handling: the pty pair and the symlink are removed when this returns or is cancelled.
     A host that closes the slave side does not end the device: the next open finds it again. A
@@ -144,9 +147,9 @@ async def serve_pty(
             if not started:
                 task_status.started(f"simulated {protocol} device on {slave_path} (link {link})")
                 started = True
-            model = model_factory(protocol)(faults, script=run)
+            device = model() if model is not None else model_factory(protocol)(faults, script=run)
             # Keeping the slave open here means a host that closes it causes no EIO on the master side.
-            dropped = await serve_stream(stream, model)
+            dropped = await serve_stream(stream, device)
         finally:
             _close_pty(link, slave)
             await stream.aclose()
@@ -182,9 +185,11 @@ async def serve_tcp(
     faults: Faults | FaultScript | list[Fault] = NO_FAULTS,
     *,
     script: FaultScript | list[Fault] | ScriptRun | None = None,
+    model: Callable[[], SimulatedDevice] | None = None,
     task_status=trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Runs the device on a TCP port; every connection gets a device of its own.
+    """Runs the device on a TCP port; every connection gets a device of its own (`model()` when given,
+    as for serve_pty).
 
     task_status gets a line for the user naming the bound address (port 0 picks a free one). The
     connections share one run of the fault script: match counts go on from one to the next, and while
@@ -200,7 +205,7 @@ async def serve_tcp(
     async def serve_one(stream: trio.SocketStream) -> None:
         # One host's trouble, or a simulator bug, ends that host's connection only.
         try:
-            await serve_stream(stream, model_factory(protocol)(faults, script=run))
+            await serve_stream(stream, model() if model is not None else model_factory(protocol)(faults, script=run))
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             logger.info("simulated {} device: host went away", protocol)
         except Exception:

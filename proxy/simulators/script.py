@@ -144,6 +144,8 @@ def load_script(path: Path | str) -> FaultScript:
     """The script in a TOML file; ScriptError (one line, naming the file and key) when it is not usable."""
     path = Path(path)
     try:
+        if path.exists() and not path.is_file():
+            raise ScriptError(f"{path}: is not a regular file: not a fault script")
         if path.stat().st_size > MAX_FILE_SIZE:
             raise ScriptError(f"{path}: is larger than {MAX_FILE_SIZE} bytes: not a fault script")
         text = path.read_text(encoding="utf-8")
