@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 import re
+import socket
+import subprocess
 from pathlib import Path
 
 import pytest
 import trio
 import trio.testing
+from test_cli import LIMIT, spawn, wait_for_line
 
 from proxy.cli import main
 from proxy.config import Address, ConfigError
@@ -276,3 +279,16 @@ def test_replay_of_a_missing_file_or_without_one_is_exit_2(tmp_path, capsys):
     assert "cannot read the recording" in capsys.readouterr().err
     assert main(["simulate", "replay", "--pty", str(tmp_path / "tty")]) == 2
     assert "needs the recording" in capsys.readouterr().err
+
+
+def test_simulate_replay_from_the_command_line_answers_on_its_port(tmp_path):
+    record = tmp_path / "r.jsonl"
+    record.write_text(json.dumps({"request": "0a0b", "answer": "1122", "first_byte": 0.0, "complete": 0.0}) + "\n")
+    with spawn("simulate", "replay", str(record), "--listen", "127.0.0.1:0", stdout=subprocess.PIPE) as process:
+        port = int(wait_for_line(process.stdout, r"127\.0\.0\.1:(\d+)").group(1))
+        with socket.create_connection(("127.0.0.1", port), timeout=LIMIT) as host:
+            host.sendall(H("0a 0b"))
+            answer = b""
+            while len(answer) < 2:
+                answer += host.recv(16)
+        assert answer == H("11 22")
