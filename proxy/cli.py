@@ -70,6 +70,16 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is negative (0: never)")
+    return value
+
+
 def _byte(text: str) -> int:
     try:
         value = int(text)
@@ -184,8 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--pty", metavar="LINK", type=Path, help="make a pseudo-terminal; LINK becomes a symlink to it")
     where.add_argument("--listen", metavar="HOST:PORT", type=_address, help="accept hosts on this TCP address")
     simulate.add_argument("--delay", type=_seconds, default=0.0, metavar="S", help="seconds before each answer")
-    simulate.add_argument("--nak-every", type=int, default=0, metavar="N", help="NAK every Nth frame")
-    simulate.add_argument("--drop-every", type=int, default=0, metavar="N", help="never answer every Nth frame")
+    simulate.add_argument("--nak-every", type=_count, default=0, metavar="N", help="NAK every Nth frame")
+    simulate.add_argument("--drop-every", type=_count, default=0, metavar="N", help="never answer every Nth frame")
     simulate.add_argument("--busy", action="store_true", help="answer every command with the busy error")
     simulate.add_argument(
         "--reaction-time", type=_seconds, default=None, metavar="S", help="iec61107: least time before an answer (0.2)"

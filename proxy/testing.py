@@ -22,10 +22,13 @@ underscore are not.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import queue
 import shutil
+import struct
 import tempfile
+import termios
 import threading
 import time
 import tty
@@ -39,7 +42,7 @@ import trio
 from proxy.config import SIMULATED_PROTOCOLS
 from proxy.simulators import model_factory, serve_stream
 from proxy.simulators.base import NO_FAULTS, Faults, SimulatedDevice, Write
-from proxy.simulators.script import Fault, FaultScript, ScriptRun, as_run
+from proxy.simulators.script import Fault, FaultScript, ScriptRun, as_run, as_script
 
 __all__ = [
     "NO_FAULTS",
@@ -55,6 +58,8 @@ __all__ = [
 
 # How long BackgroundDevice.wait_for_exchanges waits by default before it gives up.
 WAIT_LIMIT = 10.0
+# How long a scripted drop on a pty waits for the host to read what was written before it.
+DRAIN_LIMIT = 1.0
 
 
 @attrs.frozen
@@ -274,13 +279,16 @@ def _recording_model(
     return Recording()
 
 
-def _check(protocol: str, pty: bool, tcp: bool) -> None:
+def _check(protocol: str, pty: bool, tcp: bool, script: FaultScript | list[Fault] | None = None) -> None:
     if protocol not in SIMULATED_PROTOCOLS:
         raise ValueError(
             f"no simulated device for protocol {protocol!r}; choose one of {', '.join(SIMULATED_PROTOCOLS)}"
         )
     if pty and tcp:
         raise ValueError("a simulated device is on a pty or on TCP, not both")
+    checked = as_script(script)
+    if checked is not None:
+        checked.check(protocol)  # ScriptError (a ValueError) for a fault the protocol cannot take
 
 
 @contextlib.asynccontextmanager
@@ -307,7 +315,7 @@ async def simulated_device(
     pty pair, the symlink and its directory, or the listening socket and every connection, are closed
     and removed when the block ends, however it ends.
     """
-    _check(protocol, pty, tcp)
+    _check(protocol, pty, tcp, script)
     device = RunningDevice(protocol, faults, script)
     if tcp:
         listeners = await trio.open_tcp_listeners(port, host=host)
@@ -337,23 +345,39 @@ async def _serve_pty(device: RunningDevice, *, task_status: trio.TaskStatus[None
     """Serves a pty behind device.path; after a scripted drop, a new one behind the same path."""
     assert device.path is not None
     while True:
-        with _pty(device.path) as (master, slave_path):
-            device.tty = slave_path
-            stream = trio.lowlevel.FdStream(master)
-            async with stream:  # the serving ends before the stream closes
+        stream: trio.lowlevel.FdStream | None = None
+        try:
+            # The slave closes before the master (as serve_pty does), so that what was written before a
+            # scripted drop still reaches the host.
+            with _pty(device.path) as (master, slave_path, slave):
+                device.tty = slave_path
+                stream = trio.lowlevel.FdStream(master)
                 if device.drops == 0:
                     task_status.started()
                 else:
                     device._changed_now()
                 dropped = await device._serve(stream, device.drops)
+                if dropped:
+                    # The hang-up discards what the host has not read yet: give it a moment to read it.
+                    with trio.move_on_after(DRAIN_LIMIT):
+                        while _unread(slave):  # noqa: ASYNC110 (an ioctl to poll; no event)
+                            await trio.sleep(0.005)
+        finally:
+            if stream is not None:
+                await trio.aclose_forcefully(stream)
         if not dropped:
             return
         device.drops += 1
 
 
+def _unread(slave: int) -> int:
+    """Bytes written to the pty that its host has not read yet."""
+    return struct.unpack("i", fcntl.ioctl(slave, termios.TIOCINQ, b"\0\0\0\0"))[0]
+
+
 @contextlib.contextmanager
-def _pty(link: Path) -> Iterator[tuple[int, str]]:
-    """A raw pty pair with `link` pointing at its slave: (master, slave path). The caller owns the master
+def _pty(link: Path) -> Iterator[tuple[int, str, int]]:
+    """A raw pty pair with `link` pointing at its slave: (master, slave path, slave). The caller owns the master
     once this yields; the slave stays open here, so that a host closing it causes no EIO on the master
     side, and is closed, and the link removed, after."""
     master, slave = os.openpty()
@@ -367,7 +391,7 @@ def _pty(link: Path) -> Iterator[tuple[int, str]]:
         os.close(slave)
         raise
     try:
-        yield master, slave_path
+        yield master, slave_path, slave
     finally:
         link.unlink(missing_ok=True)
         os.close(slave)
@@ -376,10 +400,13 @@ def _pty(link: Path) -> Iterator[tuple[int, str]]:
 async def _serve_tcp(device: RunningDevice, listeners: list[trio.SocketListener]) -> None:
     async def serve_one(stream: trio.SocketStream) -> None:
         device._connections += 1
-        # A host that goes away ends its own connection only.
-        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+        # A host that goes away (or resets) ends its own connection only; serve_stream's nursery wraps
+        # the error in an ExceptionGroup, hence except*.
+        try:
             async with stream:
                 await device._serve(stream, device._connections)
+        except* (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
 
     await trio.serve_listeners(serve_one, listeners)
 
@@ -445,6 +472,24 @@ class BackgroundDevice:
             if not device._grew.wait_for(lambda: len(device._exchanges) >= count, timeout):
                 raise TimeoutError(f"{count} exchanges awaited, {len(device._exchanges)} came")
             return list(device._exchanges)
+
+    @property
+    def drops(self) -> int:
+        """Links a scripted "drop" has ended so far (as RunningDevice.drops)."""
+        return self._device.drops
+
+    def wait_for_drops(self, count: int, timeout: float = WAIT_LIMIT) -> None:
+        """Blocks until scripted drops have ended `count` links and, on a pty, a new one is up;
+        TimeoutError after `timeout` seconds."""
+        device = self._device
+
+        async def wait() -> None:
+            with trio.move_on_after(timeout) as scope:
+                await device.wait_for_drops(count)
+            if scope.cancelled_caught:
+                raise TimeoutError(f"{count} drops awaited, {device.drops} came")
+
+        trio.from_thread.run(wait, trio_token=self._token)
 
     def _call(self, function: Any, *args: Any) -> None:
         trio.from_thread.run_sync(function, *args, trio_token=self._token)
@@ -513,7 +558,7 @@ def simulated_device_sync(
     """simulated_device() for tests that are not async: the device runs in a trio run on a thread of its
     own until the block ends, then the thread is joined. The arguments and the errors are
     simulated_device()'s; an error that ended the device early is raised when the block ends."""
-    _check(protocol, pty, tcp)
+    _check(protocol, pty, tcp, script)
     runner = _Thread(protocol, {"pty": pty, "tcp": tcp, "host": host, "port": port, "faults": faults, "script": script})
     device = runner.start()
     try:

@@ -584,3 +584,44 @@ async def test_a_simulator_device_plays_its_fault_script_through_the_proxy_and_a
             async with await connect(running, "reg") as client:
                 await client.send_all(beep)
                 assert await receive_exactly(client, 9) == answer
+
+
+def test_a_script_nested_too_deeply_is_a_script_error():
+    with pytest.raises(ScriptError, match=r"deep\.toml: nested too deeply"):
+        parse_script("x = " + "[" * 100_000 + "]" * 100_000, "deep.toml")
+
+
+@pytest.mark.parametrize("option", ["--nak-every", "--drop-every"])
+def test_simulate_refuses_a_negative_every(option, capsys):
+    from proxy.cli import build_parser
+
+    with pytest.raises(SystemExit) as exit_:
+        build_parser().parse_args(["simulate", "custom", "--listen", "127.0.0.1:0", option, "-1"])
+    assert exit_.value.code == 2
+    assert "-1 is negative" in capsys.readouterr().err
+
+
+def test_an_edited_fault_script_is_loaded_anew_for_the_simulator_device(tmp_path):
+    from proxy.links import simulator
+
+    script = tmp_path / "faults.toml"
+    script.write_text("[[fault]]\naction = 'nak'\n")
+    config = parse(
+        {
+            "device": [
+                {
+                    "name": "ed",
+                    "type": "simulator",
+                    "protocol": "custom",
+                    "listen": ["127.0.0.1:0"],
+                    "fault_script": str(script),
+                }
+            ]
+        }
+    ).devices[0]
+    first = simulator._script_run(config)
+    assert simulator._script_run(config) is first  # the match counts go on across links
+    script.write_text("[[fault]]\naction = 'silence'\n\n")
+    second = simulator._script_run(config)
+    assert second is not first
+    assert [fault.action for fault in second.script.faults] == ["silence"]

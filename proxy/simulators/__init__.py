@@ -205,9 +205,13 @@ async def serve_tcp(
     async def serve_one(stream: trio.SocketStream) -> None:
         # One host's trouble, or a simulator bug, ends that host's connection only.
         try:
-            await serve_stream(stream, model() if model is not None else model_factory(protocol)(faults, script=run))
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            logger.info("simulated {} device: host went away", protocol)
+            # serve_stream's nursery wraps a reset host's error in an ExceptionGroup, hence except*.
+            try:
+                await serve_stream(
+                    stream, model() if model is not None else model_factory(protocol)(faults, script=run)
+                )
+            except* (trio.BrokenResourceError, trio.ClosedResourceError):
+                logger.info("simulated {} device: host went away", protocol)
         except Exception:
             logger.exception("simulated {} device failed; this host's connection is closed", protocol)
 

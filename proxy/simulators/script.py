@@ -159,6 +159,8 @@ def parse_script(text: str, source: str = "<script>") -> FaultScript:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ScriptError(f"{source}: not TOML: {exc}") from None
+    except RecursionError:
+        raise ScriptError(f"{source}: nested too deeply: not a fault script") from None
     unknown = sorted(set(raw) - {"fault"})
     if unknown:
         raise ScriptError(f"{source}: unknown key {unknown[0]!r} (a script holds [[fault]] tables)")
