@@ -22,6 +22,7 @@ import json
 import math
 import os
 import re
+import stat
 import time
 from collections import deque
 from datetime import UTC, datetime
@@ -33,13 +34,18 @@ import trio
 from loguru import logger
 
 FORMAT_VERSION = 1
-# Records waiting for the writer. Each is small (a request and its answer), so this bounds the memory a
-# slow disk can cost at a few MB, and is seconds of the busiest device's traffic.
+# Records waiting for the writer, and their bytes: together they bound the memory a slow disk can cost.
 QUEUE_LIMIT = 4096
+QUEUE_BYTES = 16 << 20
+# Bytes of a request and of an answer kept in a record by default (a device's max_message when set):
+# past it the record is cut short and says `"truncated": true`.
+RECORD_LIMIT = 65536
 # Every matched byte becomes this one ('*'): lengths, and so frame layouts, stay as they were.
 MASK = 0x2A
 # A record_redact entry that starts with this is a literal byte sequence in hex, not a regex.
 HEX_PREFIX = "hex:"
+# The largest recording replay reads.
+LOAD_LIMIT = 256 << 20
 
 
 class RedactError(ValueError):
@@ -89,11 +95,13 @@ def redact(data: bytes, patterns: tuple[re.Pattern[bytes], ...]) -> tuple[bytes,
 class Take:
     """One exchange while it is recorded: the client's request and the answer's bytes as they pass."""
 
-    __slots__ = ("answer", "at", "client", "first_byte", "last_byte", "request", "started")
+    __slots__ = ("answer", "at", "client", "first_byte", "last_byte", "limit", "request", "started", "truncated")
 
-    def __init__(self, client: str, request: bytes, now: float) -> None:
+    def __init__(self, client: str, request: bytes, now: float, limit: int = RECORD_LIMIT) -> None:
         self.client = client
-        self.request = bytearray(request)
+        self.limit = limit
+        self.truncated = len(request) > limit
+        self.request = bytearray(request[:limit])
         self.answer = bytearray()
         self.at = time.time()
         self.started = now
@@ -106,7 +114,18 @@ class Take:
         if self.first_byte is None:
             self.first_byte = now
         self.last_byte = now
-        self.answer += data
+        self._keep(self.answer, data)
+
+    def requested(self, data: bytes) -> None:
+        """More bytes of the request (a raw session's request arrives in pieces)."""
+        self._keep(self.request, data)
+
+    def _keep(self, kept: bytearray, data: bytes) -> None:
+        room = self.limit - len(kept)
+        if len(data) > room:
+            self.truncated = True
+            data = data[: max(room, 0)]
+        kept += data
 
 
 @attrs.define(frozen=True)
@@ -118,16 +137,23 @@ class RecordSettings:
     max_bytes: int
     keep: int
     redact: tuple[re.Pattern[bytes], ...] = ()
+    # The bytes of a request and of an answer kept per record.
+    max_record: int = RECORD_LIMIT
 
 
 class Recorder:
     """A device's recording: a bounded queue the byte path fills and a task that writes it to disk."""
 
-    def __init__(self, device: str, settings: RecordSettings, queue_limit: int = QUEUE_LIMIT) -> None:
+    def __init__(
+        self, device: str, settings: RecordSettings, queue_limit: int = QUEUE_LIMIT, queue_bytes: int = QUEUE_BYTES
+    ) -> None:
         self.device = device
         self.settings = settings
         self.queue_limit = queue_limit
-        self._queue: deque[dict[str, Any]] = deque()
+        self.queue_bytes = queue_bytes
+        # Records as the byte path leaves them (bytes, not yet redacted or hex), each with its size.
+        self._queue: deque[tuple[dict[str, Any], int]] = deque()
+        self._queued_bytes = 0
         self._wake = trio.Event()
         self._file: Any = None
         self._size = 0
@@ -136,35 +162,41 @@ class Recorder:
         self.dropped = 0
         self.written = 0
         self._write_failed = False
+        self._lost_in_failure = 0
 
     # -- the byte path's side: never waits ---------------------------------------------------------
 
     def take(self, client: str, request: bytes, now: float) -> Take:
-        return Take(client, request, now)
+        return Take(client, request, now, self.settings.max_record)
 
     def finish(self, take: Take, now: float, result: str) -> None:
-        """The exchange ended (`result`): its record joins the queue, or is dropped when the queue is full."""
+        """The exchange ended (`result`): its record joins the queue, or is dropped when the queue is full.
+
+        Only the raw bytes and times are queued: redaction, hex and JSON are the writer thread's work.
+        """
         del now  # the answer is complete at its last byte; what came after it is the proxy's own time
-        request, masked_request = redact(bytes(take.request), self.settings.redact)
-        answer, masked_answer = redact(bytes(take.answer), self.settings.redact)
         record: dict[str, Any] = {
             "v": FORMAT_VERSION,
             "device": self.device,
             "client": take.client,
-            "at": datetime.fromtimestamp(take.at, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
-            "request": request.hex(),
-            "answer": answer.hex(),
+            "at": take.at,
+            "request": bytes(take.request),
+            "answer": bytes(take.answer),
             "first_byte": None if take.first_byte is None else round(take.first_byte - take.started, 6),
             "complete": None if take.last_byte is None else round(take.last_byte - take.started, 6),
             "result": result,
         }
-        if masked_request or masked_answer:
-            record["redacted"] = masked_request + masked_answer
+        if take.truncated:
+            record["truncated"] = True
         self.record(record)
 
     def record(self, record: dict[str, Any]) -> None:
-        """Queues one record for the writer; when the queue is full it is dropped and counted."""
-        if len(self._queue) >= self.queue_limit:
+        """Queues one record for the writer; when the queue is full it is dropped and counted.
+
+        `request` and `answer` are bytes (redacted and hexed by the writer) or already hex strings.
+        """
+        size = 256 + sum(len(record.get(key) or b"") for key in ("request", "answer"))
+        if len(self._queue) >= self.queue_limit or (self._queue and self._queued_bytes + size > self.queue_bytes):
             self.dropped += 1
             self._dropped_burst += 1
             if self._dropped_burst == 1:
@@ -178,7 +210,8 @@ class Recorder:
                     event="record_dropped",
                 )
             return
-        self._queue.append(record)
+        self._queue.append((record, size))
+        self._queued_bytes += size
         self._wake.set()
 
     @property
@@ -210,7 +243,7 @@ class Recorder:
         while self._queue:
             # Taken off the queue only once written (or given up): a cancellation on the way leaves them
             # for run()'s last write.
-            batch = list(self._queue)
+            batch = [record for record, _ in self._queue]
             if self._dropped_burst:
                 logger.warning(
                     "{}: recording caught up; {} exchanges were left out of {}",
@@ -221,12 +254,12 @@ class Recorder:
                     event="record_dropped",
                 )
                 self._dropped_burst = 0
-            lines = [json.dumps(record, ensure_ascii=False, separators=(", ", ": ")) + "\n" for record in batch]
             try:
-                await trio.to_thread.run_sync(self._write_lines, lines)
+                await trio.to_thread.run_sync(self._write_records, batch)
             except OSError as exc:
                 self._forget(len(batch))
                 self.dropped += len(batch)
+                self._lost_in_failure += len(batch)
                 if not self._write_failed:
                     logger.error(
                         "{}: cannot write the recording {}: {}; its exchanges are dropped until it can",
@@ -240,14 +273,45 @@ class Recorder:
                 self._close_quietly()
             else:
                 self._forget(len(batch))
+                if self._write_failed:
+                    logger.warning(
+                        "{}: recording to {} resumed; {} exchanges were lost while it could not be written",
+                        self.device,
+                        self.settings.path,
+                        self._lost_in_failure,
+                        device=self.device,
+                        event="record_dropped",
+                    )
                 self._write_failed = False
+                self._lost_in_failure = 0
                 self.written += len(batch)
 
     def _forget(self, count: int) -> None:
         for _ in range(count):
-            self._queue.popleft()
+            _, size = self._queue.popleft()
+            self._queued_bytes -= size
 
     # -- in the worker thread --------------------------------------------------------------------
+
+    def _format(self, record: dict[str, Any]) -> str:
+        """One queued record -> its JSON line: redacted, bytes as hex, `at` as UTC text."""
+        record = dict(record)
+        masked = 0
+        for key in ("request", "answer"):
+            value = record[key]
+            if isinstance(value, bytes | bytearray):
+                value, count = redact(bytes(value), self.settings.redact)
+                masked += count
+                record[key] = value.hex()
+        if masked:
+            record["redacted"] = masked
+        if isinstance(record.get("at"), float):
+            at = datetime.fromtimestamp(record["at"], UTC)
+            record["at"] = at.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+        return json.dumps(record, ensure_ascii=False, separators=(", ", ": ")) + "\n"
+
+    def _write_records(self, records: list[dict[str, Any]]) -> None:
+        self._write_lines([self._format(record) for record in records])
 
     def _write_lines(self, lines: list[str]) -> None:
         for line in lines:
@@ -256,9 +320,24 @@ class Recorder:
                 self._open()
             if self._size and self._size + len(data) > self.settings.max_bytes:
                 self._rotate()
-            self._file.write(data)
+            try:
+                self._file.write(data)
+                self._file.flush()
+            except OSError:
+                self._tear_back()
+                raise
             self._size += len(data)
-        self._file.flush()
+
+    def _tear_back(self) -> None:
+        """A write failed part way: the file is cut back to its last complete line, so no torn line is
+        left for replay to refuse."""
+        file, self._file = self._file, None
+        if file is None:
+            return
+        with contextlib.suppress(OSError, ValueError):
+            file.close()  # its buffer may fail to flush again; what reached the file is cut below
+        with contextlib.suppress(OSError):
+            os.truncate(self.settings.path, self._size)
 
     def _open(self) -> None:
         path = self.settings.path
@@ -312,19 +391,36 @@ def load_recording(path: str | Path) -> list[Recorded]:
     Blank lines are skipped; an exchange with no request (nothing to match) is skipped too.
     """
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        # O_NONBLOCK: opening a FIFO must not wait for a writer; fstat then refuses it.
+        descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        with open(descriptor, "rb") as file:
+            info = os.fstat(file.fileno())
+            if not stat.S_ISREG(info.st_mode):
+                raise RecordingError(f"{path}: is not a recording (not a regular file)")
+            if info.st_size > LOAD_LIMIT:
+                raise RecordingError(
+                    f"{path}: is too large to replay ({info.st_size} bytes; at most {LOAD_LIMIT >> 20} MiB)"
+                )
+            data = file.read(LOAD_LIMIT + 1)
     except OSError as exc:
         raise RecordingError(f"{path}: cannot read the recording: {exc.strerror or exc}") from None
+    if len(data) > LOAD_LIMIT:
+        raise RecordingError(f"{path}: is too large to replay (more than {LOAD_LIMIT >> 20} MiB)")
+    try:
+        text = data.decode("utf-8")
     except UnicodeDecodeError:
         raise RecordingError(f"{path}: is not a recording (not UTF-8 text)") from None
     records: list[Recorded] = []
-    for number, line in enumerate(text.splitlines(), 1):
+    # Only "\n" ends a line: str.splitlines() would also split at U+2028, \x1c and others inside a value.
+    for number, line in enumerate(text.split("\n"), 1):
         if not line.strip():
             continue
         try:
             records.append(_parse_line(line))
         except ValueError as exc:
             raise RecordingError(f"{path} line {number}: {exc}") from None
+        except RecursionError:
+            raise RecordingError(f"{path} line {number}: not a recorded exchange (nested too deeply)") from None
     records = [record for record in records if record.request]
     if not records:
         raise RecordingError(f"{path}: holds no exchange to replay")
@@ -366,6 +462,7 @@ def recorder_for(config: Any) -> Recorder | None:
         config.record_max_bytes,
         config.record_keep,
         tuple(compile_redaction(pattern) for pattern in config.record_redact),
+        getattr(config, "max_message", RECORD_LIMIT),
     )
     return Recorder(config.name, settings)
 

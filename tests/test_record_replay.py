@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import socket
 import subprocess
@@ -16,7 +17,15 @@ from test_cli import LIMIT, spawn, wait_for_line
 from proxy.cli import main
 from proxy.config import Address, ConfigError
 from proxy.protocols.custom import build_frame
-from proxy.recording import Recorder, RecordSettings, compile_redaction, load_recording, redact
+from proxy.recording import (
+    Recorded,
+    Recorder,
+    RecordingError,
+    RecordSettings,
+    compile_redaction,
+    load_recording,
+    redact,
+)
 from proxy.simulators import serve_pty, serve_stream, serve_tcp
 from proxy.simulators.custom import CustomRegister
 from proxy.simulators.replay import ReplayDevice
@@ -292,3 +301,81 @@ def test_simulate_replay_from_the_command_line_answers_on_its_port(tmp_path):
             while len(answer) < 2:
                 answer += host.recv(16)
         assert answer == H("11 22")
+
+
+# -- hostile15: the loop's share of recording, sizes, torn lines, replay cost, replay files -------------
+
+
+def test_finish_queues_raw_bytes_and_the_queue_is_bounded_in_bytes_too(tmp_path, log_lines):
+    settings = RecordSettings(tmp_path / "r.jsonl", 1 << 20, 1, (compile_redaction("(a+)+$"),))
+    recorder = Recorder("ecr", settings, queue_bytes=10_000)
+    for _ in range(3):
+        take = recorder.take("c", b"a" * 4000 + b"!", 0.0)
+        recorder.finish(take, 0.0, "ok")  # no regex, hex or JSON here: the writer thread does them
+    assert recorder.queued == 2 and recorder.dropped == 1
+    assert isinstance(recorder._queue[0][0]["request"], bytes)
+
+
+def test_a_record_keeps_at_most_max_record_bytes_and_says_truncated(tmp_path):
+    recorder = Recorder("ecr", RecordSettings(tmp_path / "r.jsonl", 1 << 20, 1, max_record=8))
+    take = recorder.take("c", b"0123456789", 0.0)
+    take.requested(b"more")
+    for _ in range(100):
+        take.answered(b"x" * 1000, 0.1)
+    assert len(take.request) == 8 and len(take.answer) == 8 and take.truncated
+    recorder.finish(take, 0.2, "ok")
+    line = json.loads(recorder._format(recorder._queue[0][0]))
+    assert line["truncated"] is True and line["answer"] == (b"x" * 8).hex()
+
+
+def test_a_failed_write_leaves_no_torn_line(tmp_path):
+    path = tmp_path / "r.jsonl"
+    recorder = Recorder("ecr", RecordSettings(path, 1 << 20, 1))
+    recorder._write_lines(['{"a": 1}\n'])
+
+    class Full:
+        def __init__(self, file):
+            self.file = file
+
+        def write(self, data):
+            self.file.write(data[:3])
+            self.file.flush()
+            raise OSError(28, "No space left on device")
+
+        def close(self):
+            self.file.close()
+
+    recorder._file = Full(recorder._file)
+    with pytest.raises(OSError):
+        recorder._write_lines(['{"b": 2}\n'])
+    assert path.read_text() == '{"a": 1}\n'
+    recorder._write_lines(['{"c": 3}\n'])
+    recorder._close_quietly()
+    assert path.read_text() == '{"a": 1}\n{"c": 3}\n'
+
+
+def test_replay_of_a_long_request_is_linear():
+    request = bytes(range(256)) * 128  # 32 KB: every prefix kept would be 500 MB
+    records = [Recorded(request, b"ok", None, None)]
+    device = ReplayDevice(records)
+    writes = []
+    for start in range(0, len(request), 1000):
+        writes += device.feed(request[start : start + 1000])
+    assert [write.data for write in writes] == [b"ok"]
+    assert ReplayDevice(records)._trie is device._trie  # built once per recording
+
+
+def test_replay_files_that_are_not_regular_deep_or_hold_line_separators(tmp_path):
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    with pytest.raises(RecordingError, match="not a regular file"):
+        load_recording(fifo)
+    with pytest.raises(RecordingError):
+        load_recording(tmp_path)
+    deep = tmp_path / "deep.jsonl"
+    deep.write_text("[" * 100_000 + "]" * 100_000 + "\n")
+    with pytest.raises(RecordingError, match="line 1"):
+        load_recording(deep)
+    spaced = tmp_path / "u2028.jsonl"
+    spaced.write_text('{"request": "01", "answer": "02", "client": "a\u2028b\x85c"}\n', encoding="utf-8")
+    assert [record.answer for record in load_recording(spaced)] == [b"\x02"]

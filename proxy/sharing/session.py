@@ -68,7 +68,7 @@ class RawTracker:
                 self.end_recording(now)
                 self._take = self._recorder.take(self._client, data, now)
             else:
-                take.request += data
+                take.requested(data)
 
     def device_sent(self, data: bytes, now: float) -> Sorted:
         answer = self._answer

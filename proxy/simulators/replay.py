@@ -18,6 +18,7 @@ seconds and the rest at the recorded complete.
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Iterable
 
 from loguru import logger
 
@@ -26,6 +27,27 @@ from proxy.recording import Recorded
 from proxy.simulators.base import Write
 
 TIMINGS = ("none", "recorded")
+# A trie node: the next byte -> its node, and END -> {} where a recorded request ends.
+Node = dict[int, "Node"]
+END = -1
+# The trie of the last recording replayed: built once per recording (serve_* makes a device per connection).
+_tries: dict[int, tuple[list[Recorded], Node]] = {}
+
+
+def _trie(records: list[Recorded], requests: Iterable[bytes]) -> Node:
+    """The recorded requests as a trie: memory O(their bytes), and a scan O(bytes * longest request)."""
+    cached = _tries.get(id(records))
+    if cached is not None and cached[0] is records:
+        return cached[1]
+    root: Node = {}
+    for request in requests:
+        node = root
+        for byte in request:
+            node = node.setdefault(byte, {})
+        node[END] = {}
+    _tries.clear()
+    _tries[id(records)] = (records, root)
+    return root
 
 
 class ReplayDevice:
@@ -45,10 +67,7 @@ class ReplayDevice:
             self._answers[record.request].append(record)
         self._turns: dict[bytes, int] = defaultdict(int)
         self._next = 0
-        # Every proper prefix of a recorded request: while the bytes so far are one, more may come.
-        # Their total size is that of the requests, each a few bytes to a few hundred.
-        self._prefixes = {request[:n] for request in self._answers for n in range(1, len(request))}
-        self._longest = max(len(request) for request in self._answers)
+        self._trie = _trie(records, self._answers)
         self._buffer = bytearray()
         self._unknown = bytearray()
         # What the host's requests got, for tests and logs: (request, answer) in order.
@@ -72,14 +91,20 @@ class ReplayDevice:
 
     def _scan(self, *, final: bool) -> list[Write]:
         """O(n * L) for n bytes and L the longest request: each byte is dropped, or ends a request, after
-        at most L slice lookups."""
+        at most L steps down the trie."""
         buffer, writes = self._buffer, []
         while buffer:
-            if not final and len(buffer) < self._longest and bytes(buffer) in self._prefixes:
+            node, size, walked = self._trie, 0, True
+            for index, byte in enumerate(buffer):
+                child = node.get(byte)
+                if child is None:
+                    walked = False
+                    break
+                node = child
+                if END in node:
+                    size = index + 1
+            if walked and not final and len(node) > (END in node):
                 break  # the start of a recorded request: wait for the rest
-            size = next(
-                (n for n in range(min(len(buffer), self._longest), 0, -1) if bytes(buffer[:n]) in self._answers), 0
-            )
             if not size:
                 self._unknown.append(buffer.pop(0))
                 continue
