@@ -95,6 +95,8 @@ class Running:
         self._started = trio.Event()
         self._nursery = nursery
         self._runs: dict[str, _DeviceRun] = {}
+        # Names of dial-in devices being started (not yet in _runs).
+        self._names_starting: set[str] = set()
 
     @property
     def devices(self) -> dict[str, Device]:
@@ -181,24 +183,31 @@ class Running:
     ) -> Device | None:
         """Starts a registered dial-in device, offline until it connects, with its direct port listening."""
         dialin = self.settings.dialin
-        config = dialin.device_config(record.id, self._free_name(record), record.direct_port)
-        if not listeners:
-            try:
-                listeners = await _bind_device(config)
-            except BindError as exc:
-                logger.error("dialin: {}; {} has no direct port until it is free", exc, record.id)
-                return None
-        device = await self.start_device(config, listeners, dialin)
+        name = self._free_name(record)
+        # Held until the device runs: another registration meanwhile must not take the same name.
+        self._names_starting.add(name)
+        try:
+            config = dialin.device_config(record.id, name, record.direct_port)
+            if not listeners:
+                try:
+                    listeners = await _bind_device(config)
+                except BindError as exc:
+                    logger.error("dialin: {}; {} has no direct port until it is free", exc, record.id)
+                    return None
+            device = await self.start_device(config, listeners, dialin)
+        finally:
+            self._names_starting.discard(name)
         self._dialin_devices[record.id] = device
         return device
 
     def _free_name(self, record: Record) -> str:
         """The record's name, else its id, else a name no running device has (ids can clash with names)."""
+        taken = self._runs.keys() | self._names_starting
         for name in (record.name, record.id, f"dialin-{record.id}"):
-            if name and name not in self._runs:
+            if name and name not in taken:
                 return name
         number = 2
-        while f"dialin-{record.id}-{number}" in self._runs:
+        while f"dialin-{record.id}-{number}" in taken:
             number += 1
         return f"dialin-{record.id}-{number}"
 
