@@ -379,3 +379,11 @@ def test_replay_files_that_are_not_regular_deep_or_hold_line_separators(tmp_path
     spaced = tmp_path / "u2028.jsonl"
     spaced.write_text('{"request": "01", "answer": "02", "client": "a\u2028b\x85c"}\n', encoding="utf-8")
     assert [record.answer for record in load_recording(spaced)] == [b"\x02"]
+
+
+def test_a_long_run_of_junk_before_a_request_is_skipped_in_one_pass(tmp_path):
+    record = tmp_path / "r.jsonl"
+    record.write_text(json.dumps({"request": "0a0b", "answer": "1122", "first_byte": 0.0, "complete": 0.0}) + "\n")
+    device = ReplayDevice(load_recording(record))
+    writes = device.feed(b"\xff" * 100_000 + H("0a 0b"))
+    assert b"".join(write.data for write in writes) == H("11 22")

@@ -50,6 +50,10 @@ def _trie(records: list[Recorded], requests: Iterable[bytes]) -> Node:
     return root
 
 
+# Bytes of a run that begins no recorded request shown in its log line.
+UNKNOWN_SHOWN = 32
+
+
 class ReplayDevice:
     """One connection's replaying device, as serve_stream drives a simulated one (feed, line_idle)."""
 
@@ -70,6 +74,7 @@ class ReplayDevice:
         self._trie = _trie(records, self._answers)
         self._buffer = bytearray()
         self._unknown = bytearray()
+        self._unknown_count = 0
         # What the host's requests got, for tests and logs: (request, answer) in order.
         self.played: list[tuple[bytes, bytes]] = []
 
@@ -92,32 +97,38 @@ class ReplayDevice:
     def _scan(self, *, final: bool) -> list[Write]:
         """O(n * L) for n bytes and L the longest request: each byte is dropped, or ends a request, after
         at most L steps down the trie."""
-        buffer, writes = self._buffer, []
-        while buffer:
+        buffer, writes, start = self._buffer, [], 0
+        while start < len(buffer):
             node, size, walked = self._trie, 0, True
-            for index, byte in enumerate(buffer):
-                child = node.get(byte)
+            for index in range(start, len(buffer)):
+                child = node.get(buffer[index])
                 if child is None:
                     walked = False
                     break
                 node = child
                 if END in node:
-                    size = index + 1
+                    size = index + 1 - start
             if walked and not final and len(node) > (END in node):
                 break  # the start of a recorded request: wait for the rest
             if not size:
-                self._unknown.append(buffer.pop(0))
+                # Bytes that begin no request: counted, and the first few kept for the log line.
+                if len(self._unknown) < UNKNOWN_SHOWN:
+                    self._unknown.append(buffer[start])
+                self._unknown_count += 1
+                start += 1
                 continue
-            request = bytes(buffer[:size])
-            del buffer[:size]
+            request = bytes(buffer[start : start + size])
+            start += size
             writes += self._answer(request)
-        if self._unknown and (writes or not buffer):
+        del buffer[:start]  # once: dropping byte by byte would be quadratic in a run of junk
+        if self._unknown_count and (writes or not buffer):
             logger.info(
                 "replay: {} bytes from the host begin no recorded request, ignored: {}",
-                len(self._unknown),
-                log.hexdump(bytes(self._unknown), 32),
+                self._unknown_count,
+                log.hexdump(bytes(self._unknown), UNKNOWN_SHOWN),
             )
             self._unknown.clear()
+            self._unknown_count = 0
         return writes
 
     def _answer(self, request: bytes) -> list[Write]:
