@@ -31,7 +31,6 @@ import tempfile
 import termios
 import threading
 import time
-import tty
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -40,7 +39,7 @@ import attrs
 import trio
 
 from proxy.config import SIMULATED_PROTOCOLS
-from proxy.simulators import model_factory, serve_stream
+from proxy.simulators import close_pty, model_factory, open_pty, serve_stream
 from proxy.simulators.base import NO_FAULTS, Faults, SimulatedDevice, Write
 from proxy.simulators.script import Fault, FaultScript, ScriptRun, as_run, as_script
 
@@ -380,21 +379,11 @@ def _pty(link: Path) -> Iterator[tuple[int, str, int]]:
     """A raw pty pair with `link` pointing at its slave: (master, slave path, slave). The caller owns the master
     once this yields; the slave stays open here, so that a host closing it causes no EIO on the master
     side, and is closed, and the link removed, after."""
-    master, slave = os.openpty()
-    try:
-        tty.setraw(slave)
-        slave_path = os.ttyname(slave)
-        link.unlink(missing_ok=True)
-        link.symlink_to(slave_path)
-    except BaseException:
-        os.close(master)
-        os.close(slave)
-        raise
+    master, slave, slave_path = open_pty(link)
     try:
         yield master, slave_path, slave
     finally:
-        link.unlink(missing_ok=True)
-        os.close(slave)
+        close_pty(link, slave)
 
 
 async def _serve_tcp(device: RunningDevice, listeners: list[trio.SocketListener]) -> None:

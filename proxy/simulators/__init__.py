@@ -141,7 +141,7 @@ async def serve_pty(
     faults, run = _knobs_and_script(faults, script)
     started = False
     while True:
-        master, slave, slave_path = _open_pty(link)
+        master, slave, slave_path = open_pty(link)
         stream = trio.lowlevel.FdStream(master)
         try:
             if not started:
@@ -151,30 +151,32 @@ async def serve_pty(
             # Keeping the slave open here means a host that closes it causes no EIO on the master side.
             dropped = await serve_stream(stream, device)
         finally:
-            _close_pty(link, slave)
+            close_pty(link, slave)
             await stream.aclose()
         if not dropped:
             return
         logger.info("simulated {} device dropped its link (scripted); a new pty at {}", protocol, link)
 
 
-def _open_pty(link: Path) -> tuple[int, int, str]:
-    """A raw pty pair with `link` pointing at its slave. Error handling: OSError when the link cannot be
-    made, with both descriptors closed."""
+def open_pty(link: Path) -> tuple[int, int, str]:
+    """A raw pty pair with `link` pointing at its slave: (master, slave, slave path). The slave is kept
+    open by the device's side, so that a host closing it causes no EIO on the master side. Error
+    handling: OSError when the link cannot be made, with both descriptors closed."""
     master, slave = os.openpty()
     try:
         tty.setraw(slave)
         slave_path = os.ttyname(slave)
         link.unlink(missing_ok=True)
         link.symlink_to(slave_path)
-    except OSError:
+    except BaseException:
         os.close(master)
         os.close(slave)
         raise
     return master, slave, slave_path
 
 
-def _close_pty(link: Path, slave: int) -> None:
+def close_pty(link: Path, slave: int) -> None:
+    """Removes `link` and closes the slave kept open by open_pty()."""
     link.unlink(missing_ok=True)
     os.close(slave)
 
