@@ -70,6 +70,14 @@ ORPHANS = {
 }
 
 
+async def sign_on(reader: trio.abc.Stream, device_end: trio.abc.Stream) -> None:
+    """The reader's sign-on reaches the meter, and the meter's identification reaches the reader."""
+    await reader.send_all(IEC_SIGN_ON)
+    assert await receive_exactly(device_end, len(IEC_SIGN_ON)) == IEC_SIGN_ON
+    await device_end.send_all(IEC_IDENT)
+    assert await receive_exactly(reader, len(IEC_IDENT)) == IEC_IDENT
+
+
 @pytest.mark.parametrize("protocol", ORPHANS)
 async def test_the_proxy_finishes_the_hosts_part_for_a_client_that_reset_mid_exchange(pty, protocol):
     request, answer, host_part, reply = ORPHANS[protocol]
@@ -469,10 +477,7 @@ async def test_iec61107_mode_c_the_line_follows_the_agreed_rate_and_returns_afte
         await wait_for(device, lambda: device.state == State.IDLE)
         assert pty.line_speed() == 300
         async with await connect(running, "dev") as reader:
-            await reader.send_all(IEC_SIGN_ON)
-            assert await receive_exactly(device_end, len(IEC_SIGN_ON)) == IEC_SIGN_ON
-            await device_end.send_all(IEC_IDENT)
-            assert await receive_exactly(reader, len(IEC_IDENT)) == IEC_IDENT
+            await sign_on(reader, device_end)
             await reader.send_all(b"\x06051\r\n")  # programming mode at Z = 5: 9600 baud
             assert await receive_exactly(device_end, 6) == b"\x06051\r\n"
             await logged("line at 9600 baud", log_lines)
@@ -543,10 +548,7 @@ async def test_session_an_iec_programming_session_left_alone_past_exchange_timeo
         device = running.devices["dev"]
         await wait_for(device, lambda: device.state == State.IDLE)
         async with await connect(running, "dev") as reader:
-            await reader.send_all(IEC_SIGN_ON)
-            assert await receive_exactly(device_end, len(IEC_SIGN_ON)) == IEC_SIGN_ON
-            await device_end.send_all(IEC_IDENT)
-            assert await receive_exactly(reader, len(IEC_IDENT)) == IEC_IDENT
+            await sign_on(reader, device_end)
             # The reader keeps the device but says nothing more: the proxy ends the meter's session.
             assert await receive_exactly(device_end, 5) == iec61107.command("B0")
     assert any("left its exchange alone for exchange_timeout" in line for line in log_lines)
@@ -580,10 +582,7 @@ async def test_iec61107_a_session_lasts_while_its_reader_asks_and_one_that_leave
         device = running.devices["dev"]
         await wait_for(device, lambda: device.state == State.IDLE)
         reader = await connect(running, "dev")
-        await reader.send_all(IEC_SIGN_ON)
-        assert await receive_exactly(device_end, len(IEC_SIGN_ON)) == IEC_SIGN_ON
-        await device_end.send_all(IEC_IDENT)
-        assert await receive_exactly(reader, len(IEC_IDENT)) == IEC_IDENT
+        await sign_on(reader, device_end)
         read = iec61107.command("R1", "VOLTA()")
         value = iec61107.data_block("VOLTA(230.12)")
         # Reads over more than exchange_timeout in all: each read counts its own time.
@@ -617,10 +616,7 @@ async def test_iec61107_the_proxy_acks_partial_blocks_for_a_reader_that_left_the
         device = running.devices["dev"]
         await wait_for(device, lambda: device.state == State.IDLE)
         reader = await connect(running, "dev")
-        await reader.send_all(IEC_SIGN_ON)
-        assert await receive_exactly(device_end, len(IEC_SIGN_ON)) == IEC_SIGN_ON
-        await device_end.send_all(IEC_IDENT)
-        assert await receive_exactly(reader, len(IEC_IDENT)) == IEC_IDENT
+        await sign_on(reader, device_end)
         read = iec61107.command("R1", "PROFILE()")
         await reader.send_all(read)
         assert await receive_exactly(device_end, len(read)) == read
@@ -644,10 +640,7 @@ async def test_iec61107_after_the_proxys_own_break_the_next_sign_on_goes_at_the_
         device = running.devices["dev"]
         await wait_for(device, lambda: device.state == State.IDLE)
         async with await connect(running, "dev") as reader:
-            await reader.send_all(IEC_SIGN_ON)
-            assert await receive_exactly(device_end, len(IEC_SIGN_ON)) == IEC_SIGN_ON
-            await device_end.send_all(IEC_IDENT)
-            assert await receive_exactly(reader, len(IEC_IDENT)) == IEC_IDENT
+            await sign_on(reader, device_end)
             await reader.send_all(b"\x06051\r\n")
             assert await receive_exactly(device_end, 6) == b"\x06051\r\n"
             seed = iec61107.command("P0", "(12345678)")
