@@ -15,10 +15,13 @@ from proxy.device import Device, Refused
 from proxy.events import Kind
 
 
-def peer_name(stream: trio.SocketStream) -> str:
-    """'host:port' of the client at the other end of `stream`."""
+def peer_name(stream: trio.abc.Stream) -> str:
+    """'host:port' of the client at the other end of `stream` (under its TLS or Telnet layer)."""
+    sock = wire.socket_of(stream)
     try:
-        host, port, *_ = stream.socket.getpeername()
+        if sock is None:
+            raise OSError("not a socket")
+        host, port, *_ = sock.getpeername()
     except OSError:
         return "unknown client"
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
@@ -32,7 +35,7 @@ class Client:
     no task can write to a descriptor the kernel has given to another connection since.
     """
 
-    def __init__(self, stream: trio.SocketStream, name: str, config: DeviceConfig) -> None:
+    def __init__(self, stream: trio.abc.Stream, name: str, config: DeviceConfig) -> None:
         self.stream = stream
         self.name = name
         self.outlet = wire.Outlet(stream)
@@ -86,7 +89,7 @@ def serve_clients(device: Device, listeners: list[trio.SocketListener], nursery:
         nursery.start_soon(accept.accept_loop, listener, handler, nursery)
 
 
-async def handle_client(device: Device, stream: trio.SocketStream) -> None:
+async def handle_client(device: Device, stream: trio.abc.Stream) -> None:
     """One client connection, from accept to close. Resource handling: closes `stream` before returning."""
     name = peer_name(stream)
     # Every line about this client names its device and itself, for log_json and the per-device log_level.
@@ -128,12 +131,15 @@ async def handle_client(device: Device, stream: trio.SocketStream) -> None:
             device.client_disconnected()
 
 
-def _admission(device: Device, stream: trio.SocketStream) -> tuple[str, str] | None:
+def _admission(device: Device, stream: trio.abc.Stream) -> tuple[str, str] | None:
     """Why this client may not even queue for the device, or None."""
     config = device.config
     if config.allow:
         try:
-            address = ipaddress.ip_address(stream.socket.getpeername()[0])
+            sock = wire.socket_of(stream)
+            if sock is None:
+                raise OSError("not a socket")
+            address = ipaddress.ip_address(sock.getpeername()[0])
         except (OSError, ValueError):
             return ("not allowed", "its address cannot be read")
         if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:

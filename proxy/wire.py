@@ -1,11 +1,12 @@
 """The byte path's two primitives: read and write a stream's file descriptor with no extra scheduler round.
 
-Every stream the proxy forwards between (TCP sockets, serial ports, socket pairs) is a non-blocking file
+Most streams the proxy forwards between (TCP sockets, serial ports, socket pairs) are a non-blocking file
 descriptor. trio's send_all() ends each successful write with a scheduling round, and receive_some()
 first tries a read that usually fails with EAGAIN; on the forwarding path those cost about a third of
 the proxy's added latency. These functions make the system call directly and fall back to the stream's
 own methods only when the kernel cannot take or give bytes at once, so they still block, and are still
-cancellable, exactly when there is something to wait for.
+cancellable, exactly when there is something to wait for. A stream that transforms its bytes (TLS, the
+Telnet layer of RFC 2217) has no descriptor of its own: it takes the stream's own methods throughout.
 """
 
 from __future__ import annotations
@@ -23,6 +24,20 @@ def fileno(stream: trio.abc.Stream) -> int:
     if isinstance(stream, trio.SocketStream):
         return stream.socket.fileno()
     return stream.fileno()
+
+
+def has_fileno(stream: trio.abc.Stream) -> bool:
+    """Whether the stream's bytes are its descriptor's bytes (not TLS, not a Telnet layer)."""
+    return isinstance(stream, trio.SocketStream) or hasattr(stream, "fileno")
+
+
+def socket_of(stream: trio.abc.Stream) -> trio.socket.SocketType | None:
+    """The TCP socket under a stream and the layers wrapped around it (TLS, Telnet), or None."""
+    while not isinstance(stream, trio.SocketStream):
+        stream = getattr(stream, "transport_stream", None)
+        if stream is None:
+            return None
+    return stream.socket
 
 
 async def receive_some(stream: trio.abc.Stream, fd: int, max_bytes: int) -> bytes:
@@ -47,7 +62,7 @@ class Outlet:
     Several tasks write to a device (a client's request, the proxy's ACK for a client that left, a
     ping) and to a client (the device's answer, a busy answer): the bytes of one send() never interleave
     with another's, and sends complete in the order they began. The common case is one system call and
-    no scheduling point.
+    no scheduling point; a stream with no descriptor of its own (TLS, Telnet) always sends in turn.
 
     Resource handling: the owner calls close() before it closes the stream, so that no write can reach a
     file descriptor number the kernel has given to another connection since.
@@ -57,7 +72,7 @@ class Outlet:
 
     def __init__(self, stream: trio.abc.Stream) -> None:
         self._stream = stream
-        self._fd = fileno(stream)
+        self._fd = fileno(stream) if has_fileno(stream) else None
         # Made at the first send that must wait: ten thousand idle dial-in links need none.
         self._lock: trio.StrictFIFOLock | None = None
         # Sends that are waiting or writing in turn; while there are any, nobody may write at once.
@@ -76,6 +91,9 @@ class Outlet:
         """
         if self.closed:
             raise trio.ClosedResourceError("closed")
+        if self._fd is None:
+            await self._send_layered(data, stall_timeout)
+            return
         view = memoryview(data)
         if not self._in_turn:
             view = view[self._write(view) :]
@@ -94,6 +112,23 @@ class Outlet:
                     if waited.cancelled_caught:
                         raise trio.TooSlowError
                     view = view[self._write(view) :]
+        finally:
+            self._in_turn -= 1
+
+    async def _send_layered(self, data: bytes, stall_timeout: float) -> None:
+        """send() through the stream's own send_all, in turn. A stall leaves the stream unusable, as
+        a cancelled TLS write does; the caller ends the connection then."""
+        self._in_turn += 1
+        if self._lock is None:
+            self._lock = trio.StrictFIFOLock()
+        try:
+            async with self._lock:
+                if self.closed:
+                    raise trio.ClosedResourceError("closed")
+                with trio.move_on_after(stall_timeout) as waited:
+                    await self._stream.send_all(data)
+                if waited.cancelled_caught:
+                    raise trio.TooSlowError
         finally:
             self._in_turn -= 1
 
@@ -118,17 +153,21 @@ def reader(stream: trio.abc.Stream, max_bytes: int) -> Callable[[], Awaitable[by
     return partial(stream.receive_some, max_bytes)
 
 
-async def finish(stream: trio.SocketStream, reply: bytes = b"", linger: float = 1.0) -> None:
+async def finish(stream: trio.abc.Stream, reply: bytes = b"", linger: float = 1.0) -> None:
     """Sends `reply`, ends our side, and reads what the peer still sends (up to `linger` seconds).
 
     Closing a socket with unread input makes the kernel send a reset, which can destroy the reply
-    before the peer reads it; draining first lets a refusal or an error answer arrive. Errors from a
-    peer already gone are ignored: there is nobody left to tell.
+    before the peer reads it; draining first lets a refusal or an error answer arrive. A stream that
+    cannot end one direction (TLS) is closed after the reply instead, which tells its peer the same.
+    Errors from a peer already gone are ignored: there is nobody left to tell.
     """
     with trio.move_on_after(linger):
         try:
             if reply:
                 await stream.send_all(reply)
+            if not isinstance(stream, trio.abc.HalfCloseableStream):
+                await stream.aclose()
+                return
             await stream.send_eof()
             while await stream.receive_some(65536):
                 pass
