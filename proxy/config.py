@@ -8,6 +8,7 @@ import os
 import re
 import stat
 import tomllib
+import urllib.parse
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,8 @@ MAX_MESSAGE_LIMIT = 16 * 1024 * 1024
 # record_max_bytes: the default, and the least (a file smaller than a few records would rotate at each).
 RECORD_MAX_BYTES = 10 * 1024 * 1024
 RECORD_MIN_BYTES = 4096
+# Where a dial-in device's id goes in [dialin] record.
+RECORD_ID = "{id}"
 SIZE_PATTERN = re.compile(r"\d+(\.\d+)?\s*(B|KB|MB|GB|KiB|MiB|GiB)", re.IGNORECASE)
 
 
@@ -214,6 +217,11 @@ class DialinConfig:
     metrics_histograms: bool = False
     # Every dial-in device's lines below it are dropped; "" = [proxy] log_level.
     log_level: str = ""
+    # Each dial-in device records its exchanges in this file, "{id}" replaced by its id ("" = none).
+    record: str = ""
+    record_max_bytes: int = RECORD_MAX_BYTES
+    record_keep: int = 3
+    record_redact: tuple[str, ...] = ()
 
     @property
     def direct_host(self) -> str:
@@ -232,8 +240,23 @@ class DialinConfig:
             listen=(Address(self.direct_host, port),),
             reconnect_interval=0.0,
             metrics_histograms=self.metrics_histograms,
+            record=recording_path(self.record, device_id),
+            record_max_bytes=self.record_max_bytes,
+            record_keep=self.record_keep,
+            record_redact=self.record_redact,
             **shared,
         )
+
+
+def recording_path(template: str, device_id: str) -> str:
+    """[dialin] record for one device: "{id}" replaced by its id, quoted so that it stays one file name
+    ('/' and a name of dots are escaped)."""
+    if not template:
+        return ""
+    quoted = urllib.parse.quote(device_id, safe="")
+    if quoted.strip(".") == "":
+        quoted = quoted.replace(".", "%2E")
+    return template.replace(RECORD_ID, quoted)
 
 
 @attrs.define(frozen=True)
@@ -500,7 +523,11 @@ def _check_device(table: _Table, config: DeviceConfig) -> None:
         table.fail("listen", "is missing: no client could reach this device")
     if config.busy_reply == AUTO and config.sharing != "exchange":
         table.fail("busy_reply", "'auto' answers a refused request, so it needs sharing = 'exchange'")
-    if not config.record:
+    _check_record_keys(table, raw, config.record)
+
+
+def _check_record_keys(table: _Table, raw: dict[str, Any], record: str) -> None:
+    if not record:
         for key in ("record_max_bytes", "record_keep", "record_redact"):
             if key in raw:
                 table.fail(key, f"= {raw[key]!r} has no effect: record (the file) is not set")
@@ -536,6 +563,10 @@ def _dialin_table(raw: dict[str, Any], problems: _Problems) -> DialinConfig:
     table.integer("max_message", 1, MAX_MESSAGE_LIMIT)
     table.boolean("metrics_histograms")
     table.string("log_level", LOG_LEVELS)
+    table.take("record", lambda v: isinstance(v, str), 'a file path with "{id}"', _check_recording_template)
+    table.integer("record_max_bytes", RECORD_MIN_BYTES)
+    table.integer("record_keep", 0, 1000)
+    table.take("record_redact", lambda v: isinstance(v, list), "a list of patterns", _list_of(_check_redaction))
     if "ping_after" not in table.values and table.values.get("ping_bytes"):
         table.values["ping_after"] = PING_AFTER_WITH_BYTES
     config = DialinConfig(**table.values)
@@ -549,7 +580,16 @@ def _dialin_table(raw: dict[str, Any], problems: _Problems) -> DialinConfig:
         table.fail("ping_bytes", f"is empty but ping_after = {config.ping_after:g}; set ping_after = 0 for no ping")
     if config.busy_reply == AUTO and config.sharing != "exchange":
         table.fail("busy_reply", "'auto' answers a refused request, so it needs sharing = 'exchange'")
+    _check_record_keys(table, raw, config.record)
     return config
+
+
+def _check_recording_template(value: str) -> str:
+    """A [dialin] record template: one file per device, so "{id}" in its file name."""
+    if value and RECORD_ID not in Path(value).name:
+        raise ValueError(f'{value!r} has no "{RECORD_ID}" in its file name: every device would write one file')
+    _check_log_file(value.replace(RECORD_ID, "id"))
+    return value
 
 
 def _check_pattern(value: str) -> str:

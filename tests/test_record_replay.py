@@ -15,7 +15,7 @@ import trio.testing
 from test_cli import LIMIT, spawn, wait_for_line
 
 from proxy.cli import main
-from proxy.config import Address, ConfigError
+from proxy.config import Address, ConfigError, parse, recording_path
 from proxy.protocols.custom import build_frame
 from proxy.recording import (
     Recorded,
@@ -30,7 +30,17 @@ from proxy.simulators import serve_pty, serve_stream, serve_tcp
 from proxy.simulators.custom import CustomRegister
 from proxy.simulators.replay import ReplayDevice
 
-from helpers import connect, receive_exactly, running_proxy, settings_for, wait_for
+from helpers import (
+    connect,
+    device_named,
+    dialin_settings,
+    modem,
+    online,
+    receive_exactly,
+    running_proxy,
+    settings_for,
+    wait_for,
+)
 
 H = bytes.fromhex
 BEEP = H("01 05 00 13 3F 42 0F 00 A8")
@@ -387,3 +397,38 @@ def test_a_long_run_of_junk_before_a_request_is_skipped_in_one_pass(tmp_path):
     device = ReplayDevice(load_recording(record))
     writes = device.feed(b"\xff" * 100_000 + H("0a 0b"))
     assert b"".join(write.data for write in writes) == H("11 22")
+
+
+async def test_each_dialin_device_records_into_its_own_file_named_by_its_id(tmp_path):
+    settings = dialin_settings(
+        tmp_path, protocol="custom", sharing="exchange", record=str(tmp_path / "rec" / "{id}.jsonl")
+    )
+    async with running_proxy(settings) as running, trio.open_nursery() as nursery:
+        link = await modem(running, b"REG/7\n")
+        nursery.start_soon(serve_stream, link, CustomRegister())
+        device = await device_named(running, "REG/7")
+        await online(device)
+        address = device.config.listen[0]
+        async with await trio.open_tcp_stream("127.0.0.1", address.port) as client:
+            answer = await ask(client, BEEP)
+        recorder = device.sharing.recorder
+        await wait_for(device, lambda: recorder.written >= 1)
+        nursery.cancel_scope.cancel()
+    await link.aclose()
+    [record] = load_recording(tmp_path / "rec" / "REG%2F7.jsonl")
+    assert (record.request, record.answer) == (BEEP, answer)
+
+
+@pytest.mark.parametrize(
+    ("record", "why"),
+    [("rec.jsonl", 'no "{id}" in its file name'), ("{id}/rec.jsonl", 'no "{id}" in its file name')],
+)
+def test_a_dialin_record_without_the_id_in_its_file_name_is_a_config_error(tmp_path, record, why):
+    with pytest.raises(ConfigError, match=re.escape(why)):
+        parse({"dialin": {"registry": str(tmp_path / "r.sqlite3"), "record": str(tmp_path / record)}})
+
+
+def test_a_dialin_id_of_dots_or_slashes_stays_one_file_name():
+    assert recording_path("rec/{id}.jsonl", "../x") == "rec/..%2Fx.jsonl"
+    assert recording_path("rec/{id}", "..") == "rec/%2E%2E"
+    assert recording_path("", "id") == ""
