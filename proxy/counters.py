@@ -13,8 +13,9 @@ import attrs
 
 # Upper bounds, in seconds, of the buckets of the wait and exchange histograms (the last is +Inf).
 BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, math.inf)
-# Why a client was refused, as clients.py and device.py name it (Counters.refused's keys).
-REFUSAL_REASONS = ("busy", "offline", "too many clients", "not allowed")
+# Why a client was refused, as clients.py and device.py name it (Counters.refused's keys); "tls": its
+# TLS handshake failed or timed out, or its certificate's name is not allowed.
+REFUSAL_REASONS = ("busy", "offline", "too many clients", "not allowed", "tls")
 # "Refusals in the last hour" counts whole minutes: 60 counters cover the hour to within a minute.
 RECENT_MINUTES = 60
 

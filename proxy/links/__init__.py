@@ -27,6 +27,10 @@ async def open_link(config: DeviceConfig, nursery: trio.Nursery) -> trio.abc.Str
     if config.type == "tcp":
         from proxy.links.tcp import open_tcp
 
+        if config.tls:
+            from proxy.links.tcp import open_tls
+
+            return await open_tls(config)
         return await open_tcp(config.path)
     from proxy.links.simulator import open_simulator
 
@@ -36,9 +40,13 @@ async def open_link(config: DeviceConfig, nursery: trio.Nursery) -> trio.abc.Str
 def discard_input(link: trio.abc.Stream) -> int:
     """Drops what the device sent that nobody has read yet; returns how many bytes were dropped.
 
-    Every link here is a non-blocking file descriptor (a serial port or a socket), so a plain read until
-    EAGAIN empties the kernel's buffer without disturbing the task that waits to read the link.
+    A serial port or a socket is a non-blocking file descriptor, so a plain read until EAGAIN empties the
+    kernel's buffer without disturbing the task that waits to read the link. A TLS link drops nothing:
+    its bytes are a session's records, which only its reader may take; they reach the sharing mode as
+    they are decrypted, so what came late still goes to whoever holds the device then.
     """
+    if not wire.has_fileno(link):
+        return 0
     fd = wire.fileno(link)
     dropped = 0
     while True:

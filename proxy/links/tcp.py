@@ -6,7 +6,8 @@ import socket
 
 import trio
 
-from proxy.config import parse_address
+from proxy import tls
+from proxy.config import DeviceConfig, parse_address
 from proxy.links import LinkError
 
 # A device that does not answer a connect in this time is treated as offline; the supervisor retries.
@@ -25,6 +26,33 @@ async def open_tcp(path: str) -> trio.SocketStream:
         raise LinkError(f"connect to {path} failed: {_reason(exc)}") from None
     stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, True)
     return stream
+
+
+async def open_tls(config: DeviceConfig) -> trio.SSLStream:
+    """Connects to a device behind a TLS-terminating gateway: TCP as open_tcp(), then a handshake that
+    checks the device's certificate (tls_ca, else the system's CAs) and its name (the host of `path`),
+    and shows the proxy's own (tls_cert, tls_key) when it has one, all within CONNECT_TIMEOUT.
+
+    The files are read at each open, so a reconnect after SIGHUP, or after the files are renewed, uses
+    the current ones. Error handling: LinkError with the reason (the file, the TLS alert, the timeout).
+    """
+    try:
+        context = tls.client_context(config.tls_ca, config.tls_cert, config.tls_key)
+    except tls.TlsError as exc:
+        raise LinkError(str(exc)) from None
+    host = parse_address(config.path).host
+    stream = await open_tcp(config.path)
+    secured = trio.SSLStream(stream, context, server_hostname=host)
+    try:
+        with trio.fail_after(CONNECT_TIMEOUT):
+            await secured.do_handshake()
+    except trio.TooSlowError:
+        await trio.aclose_forcefully(secured)
+        raise LinkError(f"TLS handshake with {config.path} timed out after {CONNECT_TIMEOUT:g} s") from None
+    except trio.BrokenResourceError as exc:
+        await trio.aclose_forcefully(secured)
+        raise LinkError(f"TLS handshake with {config.path} failed: {tls.failure(exc)}") from None
+    return secured
 
 
 def _reason(exc: OSError) -> str:

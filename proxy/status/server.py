@@ -18,7 +18,7 @@ import h11
 import trio
 from loguru import logger
 
-from proxy import accept, events, wire
+from proxy import accept, events, tls, wire
 from proxy.clients import peer_name
 from proxy.config import Address
 from proxy.device import Device
@@ -133,8 +133,9 @@ class StatusServer:
         except Exception:
             logger.exception("status: the status server failed; the devices keep running without it")
 
-    async def _connection(self, stream: trio.SocketStream) -> None:
-        async with stream:
+    async def _connection(self, stream: trio.abc.Stream) -> None:
+        """One HTTP client (HTTPS: its handshake counts among the connections and has its own timeout)."""
+        try:
             if self._connections >= MAX_CONNECTIONS:
                 if not self._refusing:
                     logger.warning("status: {} connections open; closing new ones until some end", MAX_CONNECTIONS)
@@ -143,9 +144,15 @@ class StatusServer:
             self._refusing = False
             self._connections += 1
             try:
+                if isinstance(stream, trio.SSLStream):
+                    await tls.handshake(stream)
                 await self._serve_connection(stream)
+            except tls.HandshakeFailed as exc:
+                logger.info("status: {} refused: TLS handshake failed: {}", peer_name(stream), exc, event="refused")
             finally:
                 self._connections -= 1
+        finally:
+            await tls.aclose(stream)
 
     async def _serve_connection(self, stream: trio.SocketStream) -> None:
         connection = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST)
