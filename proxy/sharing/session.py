@@ -633,6 +633,7 @@ class SessionSharing:
         """Gives the device to the next waiter; any task may call it, once per lease."""
         device = self.device
         self._lease = None
+        device.line.restore()  # the holder's line settings (RFC 2217) end with its lease
         if self.recorder is not None:
             lease.tracker.end_recording(trio.current_time())
         if lease.name != PING:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import heapq
 import importlib
 import math
@@ -160,8 +162,12 @@ async def serve_pty(
 
 def open_pty(link: Path) -> tuple[int, int, str]:
     """A raw pty pair with `link` pointing at its slave: (master, slave, slave path). The slave is kept
-    open by the device's side, so that a host closing it causes no EIO on the master side. Error
-    handling: OSError when the link cannot be made, with both descriptors closed."""
+    open by the device's side, so that a host closing it causes no EIO on the master side. A symlink
+    already at `link` (a previous run's) is replaced; anything else there is left alone. Error
+    handling: OSError when the link cannot be made (FileExistsError for a file that is no symlink),
+    with both descriptors closed."""
+    if os.path.lexists(link) and not link.is_symlink():
+        raise FileExistsError(errno.EEXIST, "a file that is not a symlink is in the way", str(link))
     master, slave = os.openpty()
     try:
         tty.setraw(slave)
@@ -176,8 +182,11 @@ def open_pty(link: Path) -> tuple[int, int, str]:
 
 
 def close_pty(link: Path, slave: int) -> None:
-    """Removes `link` and closes the slave kept open by open_pty()."""
-    link.unlink(missing_ok=True)
+    """Removes `link`, unless another program has put its own there since, and closes the slave kept
+    open by open_pty()."""
+    with contextlib.suppress(OSError):
+        if os.readlink(link) == os.ttyname(slave):
+            link.unlink()
     os.close(slave)
 
 
