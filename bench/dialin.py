@@ -17,6 +17,10 @@ medians, each beside its target:
     proxy RSS per device (9,000 attached)            < 20 KiB
 
     .venv/bin/python bench/dialin.py [--rounds N] [--summary-json FILE]
+
+With --postgres URL --instances N, several instances share a PostgreSQL registry instead (see
+bench/dialin_cluster.py): registrations per second, and a forwarding instance's p50 exchange latency
+against the holding instance's.
 """
 
 from __future__ import annotations
@@ -213,8 +217,15 @@ def report(summary: Summary, target: Target, values: list[float]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3, help="rounds of both batches (default 3); medians count")
+    parser.add_argument("--postgres", metavar="URL", help="several instances on this PostgreSQL registry instead")
+    parser.add_argument("--instances", type=int, default=2, help="with --postgres: how many (default 2)")
     add_summary_argument(parser)
     args = parser.parse_args()
+    if args.postgres:
+        import dialin_cluster
+
+        dialin_cluster.main(args.postgres, args.instances, args.summary_json)
+        return
     hard = raise_open_files()
     needed = 2 * LARGE_BATCH + HEADROOM
     if hard < needed:

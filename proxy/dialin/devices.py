@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from proxy.dialin.identify import ID_RULE, is_device_id, shown
+from proxy.dialin.postgres import PostgresRegistry
 from proxy.dialin.registry import Record, Registry, RegistryError
 
 # The columns of a CE NetConnection 4.x device export that devproxy uses, found by the header row's
@@ -36,10 +37,18 @@ def state(record: Record) -> str:
     return "offline"
 
 
-def as_row(record: Record) -> dict[str, object]:
+def holders(registry: Registry | PostgresRegistry) -> dict[str, str] | None:
+    """{id: instance} of the devices a live instance holds, with a shared registry; None with SQLite."""
+    return registry.holders() if isinstance(registry, PostgresRegistry) else None
+
+
+def as_row(record: Record, holders: dict[str, str] | None = None) -> dict[str, object]:
+    """A device for `devices list`; with a shared registry (`holders` given), the instance holding it."""
+    held = {} if holders is None else {"holder": holders.get(record.id)}
     return {
         "id": record.id,
         "state": state(record),
+        **held,
         "port": record.direct_port,
         "name": record.name,
         "note": record.note,
@@ -50,11 +59,14 @@ def as_row(record: Record) -> dict[str, object]:
     }
 
 
-def table(records: list[Record]) -> str:
+def table(records: list[Record], holders: dict[str, str] | None = None) -> str:
     rows = [["ID", "NAME", "STATE", "PORT", "LAST SEEN", "PEER", "TO DEVICE", "FROM DEVICE"]]
-    keys = ("id", "name", "state", "port", "last_seen", "peer", "bytes_to_device", "bytes_from_device")
+    keys: tuple[str, ...] = ("id", "name", "state", "port", "last_seen", "peer", "bytes_to_device", "bytes_from_device")
+    if holders is not None:
+        rows[0].insert(3, "HOLDER")
+        keys = (*keys[:3], "holder", *keys[3:])
     for record in records:
-        row = as_row(record)
+        row = as_row(record, holders)
         rows.append([_printable(str(row[key])) if row[key] not in (None, "") else "-" for key in keys])
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows)
@@ -206,3 +218,10 @@ def misplaced(registry: Registry, listeners: dict[int, str]) -> list[str]:
         elif ports is not None and not ports[0] <= port <= ports[1]:
             problems.append(f"{record.id}: direct port {port} is outside direct_ports {ports[0]}-{ports[1]}")
     return problems
+
+
+def migrate(source: Registry, target: PostgresRegistry) -> tuple[list[Record], list[str]]:
+    """Copies every device of a SQLite registry, with its port and history, into PostgreSQL: (those
+    copied, a line for each skipped and why). Ports the SQLite file holds back after a crash are not
+    copied: they belong to no device."""
+    return target.copy(source.all())

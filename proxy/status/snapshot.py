@@ -96,11 +96,13 @@ def is_up(state: State) -> bool:
 
 
 def _where(device: Device) -> str | None:
-    """The serial path or TCP address; for a dial-in device, the address it last connected from."""
+    """The serial path or TCP address; for a dial-in device, the address it last connected from, or the
+    instance that holds it (a shared registry)."""
     if device.config.type == "simulator":
         return None
     if device.dialin is not None:
-        return device.peer
+        held = device.elsewhere() if device.elsewhere is not None else None
+        return f"held by instance {held.instance} ({held.address})" if held is not None else device.peer
     return device.config.path
 
 
