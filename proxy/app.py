@@ -8,12 +8,15 @@ import attrs
 import trio
 from loguru import logger
 
-from proxy import log
+from proxy import log, tls
 from proxy.clients import serve_clients
-from proxy.config import Address, DeviceConfig, DialinConfig, Settings
+from proxy.config import Address, DeviceConfig, DialinConfig, Settings, TlsFiles
 from proxy.device import Device
+from proxy.dialin.cluster import Cluster, open_registry
+from proxy.dialin.postgres import PostgresRegistry
 from proxy.dialin.registry import Record, Registry, RegistryError
 from proxy.dialin.server import DialinServer
+from proxy.telnet_stream import ComPortListener
 
 
 class BindError(Exception):
@@ -28,12 +31,29 @@ async def bind(address: Address, owner: str) -> list[trio.SocketListener]:
         raise BindError(f"{owner}: cannot listen on {address}: {exc.strerror or exc}") from None
 
 
-async def _bind_device(config: DeviceConfig) -> list[trio.SocketListener]:
-    """All of a device's listeners, or BindError with none of them left open."""
-    bound: list[trio.SocketListener] = []
+async def bind_tls(
+    address: Address, owner: str, credentials: tls.Credentials, files: TlsFiles
+) -> list[tls.TlsListener]:
+    """TLS listeners for `address`, serving `files`; BindError also when the files cannot be loaded."""
+    try:
+        server = credentials.server(files)
+    except tls.TlsError as exc:
+        raise BindError(f"{owner}: {exc}") from None
+    return [tls.TlsListener(listener, server) for listener in await bind(address, owner)]
+
+
+async def _bind_device(
+    config: DeviceConfig, credentials: tls.Credentials
+) -> list[trio.SocketListener | tls.TlsListener]:
+    """All of a device's listeners (plain, then TLS, then RFC 2217), or BindError with none of them left open."""
+    bound: list[trio.SocketListener | tls.TlsListener] = []
     try:
         for address in config.listen:
             bound += await bind(address, f"device {config.name!r}")
+        for address in config.listen_tls:
+            bound += await bind_tls(address, f"device {config.name!r}", credentials, config.server_tls)
+        for address in config.listen_rfc2217:
+            bound += [ComPortListener(listener) for listener in await bind(address, f"device {config.name!r}")]
     except BaseException:
         await _close(bound)
         raise
@@ -84,9 +104,19 @@ async def supervise(device: Device) -> None:
 class Running:
     """The proxy as it runs: its devices, the addresses their clients reach, and reload()."""
 
-    def __init__(self, settings: Settings, nursery: trio.Nursery, registry: Registry | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        nursery: trio.Nursery,
+        registry: Registry | None = None,
+        credentials: tls.Credentials | None = None,
+    ) -> None:
         self.settings = settings
         self.registry = registry
+        # The certificates every TLS listener serves; a reload loads them again.
+        self.credentials = credentials or tls.Credentials(settings.proxy.tls_handshake_timeout)
+        # With a PostgreSQL registry shared by several instances.
+        self.cluster: Cluster | None = None
         self.status: Address | None = None
         self.dialin: list[Address] = []
         self._dialin_devices: dict[str, Device] = {}
@@ -167,7 +197,7 @@ class Running:
         try:
             if dialin.direct_ports is None:
                 # direct_ports = "any": the system chooses a free port, which the registration then keeps.
-                listeners = await bind(Address(dialin.direct_host, 0), f"dialin: {device_id}")
+                listeners = await _bind_device(dialin.device_config(device_id, device_id, 0), self.credentials)
                 record = await registry.register_bound(device_id, _bound_addresses(listeners)[0].port)
             else:
                 record = await registry.register(device_id)
@@ -190,7 +220,7 @@ class Running:
             config = dialin.device_config(record.id, name, record.direct_port)
             if not listeners:
                 try:
-                    listeners = await _bind_device(config)
+                    listeners = await _bind_device(config, self.credentials)
                 except BindError as exc:
                     logger.error("dialin: {}; {} has no direct port until it is free", exc, record.id)
                     return None
@@ -243,7 +273,7 @@ class Running:
 
     async def _restore(self, config: DeviceConfig) -> None:
         try:
-            await self.start_device(config, await _bind_device(config))
+            await self.start_device(config, await _bind_device(config, self.credentials))
         except BindError as exc:
             logger.error("{}; {} stays stopped until the next reload", exc, config.name)
 
@@ -254,6 +284,8 @@ class Running:
         handling: a changed device whose new ports cannot be bound is started again as it was, and
         the error is logged; [proxy] changes other than logging need a restart and are logged as such.
         """
+        # Certificates first: a device restarted below, and every untouched listener, serve the new ones.
+        self.credentials.reload()
         if settings.dialin != self.settings.dialin:
             logger.warning("[dialin] changes take effect at the next start")
             settings = attrs.evolve(settings, dialin=self.settings.dialin)
@@ -273,7 +305,7 @@ class Running:
                 logger.info("{}: settings changed; restarting", name)
                 await self.stop_device(name)
             try:
-                listeners = await _bind_device(config)
+                listeners = await _bind_device(config, self.credentials)
             except BindError as exc:
                 logger.error("{}; {} keeps its previous settings", exc, name)
                 del new[name]
@@ -285,6 +317,9 @@ class Running:
         status_keys = (settings.proxy.status, settings.proxy.status_token)
         if status_keys != (self.settings.proxy.status, self.settings.proxy.status_token):
             logger.warning("[proxy] status and status_token take effect at the next start")
+        tls_keys = (settings.proxy.status_tls, settings.proxy.tls_handshake_timeout)
+        if tls_keys != (self.settings.proxy.status_tls, self.settings.proxy.tls_handshake_timeout):
+            logger.warning("[proxy] status_tls_* and tls_handshake_timeout take effect at the next start")
         try:
             log.setup(settings.proxy)
         except log.LogFileError as exc:
@@ -319,18 +354,25 @@ async def serve(settings: Settings, *, task_status: trio.TaskStatus[Running] = t
     dialin_listeners: list[trio.SocketListener] = []
     device_listeners: list[tuple[DeviceConfig, list[trio.SocketListener]]] = []
     registry = None
+    credentials = tls.Credentials(settings.proxy.tls_handshake_timeout)
     try:
-        if settings.proxy.status is not None:
-            status_listeners = await bind(settings.proxy.status, "[proxy] status")
+        status, status_tls = settings.proxy.status, settings.proxy.status_tls
+        if status is not None and status_tls is not None:
+            status_listeners = await bind_tls(status, "[proxy] status", credentials, status_tls)
+        elif status is not None:
+            status_listeners = await bind(status, "[proxy] status")
         if settings.dialin is not None:
             for address in settings.dialin.listen:
                 dialin_listeners += await bind(address, "[dialin]")
+            for address in settings.dialin.listen_tls:
+                dialin_listeners += await bind_tls(address, "[dialin]", credentials, settings.dialin.dialin_tls)
             try:
-                registry = Registry(settings.dialin.registry, settings.dialin.direct_ports)
+                # In a thread: a PostgreSQL registry is reached over the network.
+                registry = await trio.to_thread.run_sync(open_registry, settings.dialin)
             except RegistryError as exc:
                 raise BindError(str(exc)) from None
         for config in settings.devices:
-            device_listeners.append((config, await _bind_device(config)))
+            device_listeners.append((config, await _bind_device(config, credentials)))
     except BaseException:
         # A failed start closes everything it opened, so that a caller that retries finds it all free.
         await _close(status_listeners + dialin_listeners)
@@ -344,7 +386,7 @@ async def serve(settings: Settings, *, task_status: trio.TaskStatus[Running] = t
         # own failures and logs them: a device restarts its supervisor (supervise), a client's or a
         # dial-in connection's failure ends that connection, the status server answers 500.
         async with trio.open_nursery() as nursery:
-            running = Running(settings, nursery, registry)
+            running = Running(settings, nursery, registry, credentials)
             if status_listeners:
                 from proxy.status.server import StatusServer  # its HTTP and metrics stack only when it is on
 
@@ -352,17 +394,24 @@ async def serve(settings: Settings, *, task_status: trio.TaskStatus[Running] = t
                 status = StatusServer(running.devices_and_addresses, settings.proxy.status_token, host)
                 await nursery.start(status.serve, status_listeners)
                 running.status = _bound_addresses(status_listeners)[0]
-                logger.info("status page on http://{}/", running.status)
+                scheme = "https" if settings.proxy.status_tls is not None else "http"
+                logger.info("status page on {}://{}/", scheme, running.status)
             for config, listeners in device_listeners:
                 await running.start_device(config, listeners)
             if registry is not None:
                 records = await registry.run(registry.all)
                 for record in records:
                     await running.start_registered(record)
+                lookup = running.dialin_device
+                if isinstance(registry, PostgresRegistry):
+                    # Instances sharing the registry: heartbeat, claims, the others' devices.
+                    running.cluster = Cluster(registry, running, settings.dialin)
+                    await nursery.start(running.cluster.run)
+                    lookup = running.cluster.lookup(lookup)
                 server = DialinServer(
                     settings.dialin,
                     registry,
-                    running.dialin_device,
+                    lookup,
                     lambda: [d for d in running.devices.values() if d.dialin is not None],
                 )
                 await nursery.start(server.serve, dialin_listeners)

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from proxy import config
-from proxy.config import Address, ConfigError, ProxyConfig, Settings, parse_address
+from proxy.config import Address, ConfigError, DialinConfig, ProxyConfig, Settings, parse_address
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -242,6 +242,23 @@ def build_parser() -> argparse.ArgumentParser:
     send.add_argument("--read", metavar="NAME", help="iec61107: the parameter to read, e.g. VOLTA")
     send.add_argument("--timeout", type=_seconds, default=10.0, help="seconds to wait for the whole answer")
 
+    connect = _command(
+        commands,
+        "connect",
+        "a local virtual serial port joined to a device port",
+        "A new pseudo-terminal (LINK becomes a symlink to it) joined to a device port over TCP, for a\n"
+        "program that only knows a serial port; it connects again when the connection drops. With\n"
+        "--rfc2217 the port must be a listen_rfc2217 port (or another RFC 2217 server): the rate, stop\n"
+        "bits and flow control the program sets on the pty are sent to the remote port as it changes\n"
+        "them (a pty keeps no data size, parity or modem lines: those stay as the remote port has them).\n"
+        "Runs until Ctrl-C (exit 130) or SIGTERM (exit 0); the link is removed either way.",
+        "  devproxy connect 192.168.1.10:8000 --pty /tmp/ttyFPTR\n"
+        "  devproxy connect 192.168.1.10:8100 --pty /tmp/ttyMETER --rfc2217",
+    )
+    connect.add_argument("address", metavar="HOST:PORT", type=_address)
+    connect.add_argument("--pty", metavar="LINK", type=Path, required=True, help="LINK becomes a symlink to the pty")
+    connect.add_argument("--rfc2217", action="store_true", help="speak RFC 2217 and send the pty's line settings")
+
     importer = _command(
         commands,
         "import",
@@ -264,7 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
         "devices",
         "the registry of dial-in devices",
         "The registry of dial-in devices, the file [dialin] registry names. It works while the proxy is\n"
-        "stopped: a running proxy holds the registry, and devices then register as they connect.",
+        "stopped: a running proxy holds the registry, and devices then register as they connect. A\n"
+        "PostgreSQL registry (a postgresql:// URL) can be changed at any time.",
         "  devproxy devices list -c settings.toml\n  devproxy devices -c settings.toml add 009210 --name 'Meter 1'",
     )
     _add_config_option(devices)
@@ -305,7 +323,17 @@ def build_parser() -> argparse.ArgumentParser:
         "  devproxy devices import devices.xlsx -c settings.toml",
     )
     from_export.add_argument("file", type=Path)
-    for action in (listing, add, remove, from_export):
+    migrate = _command(
+        actions,
+        "migrate",
+        "copy the SQLite registry into PostgreSQL",
+        "Copies every device of the SQLite registry [dialin] registry names, with its direct port, into a\n"
+        "PostgreSQL registry (created if need be), for several instances to share; then point [dialin]\n"
+        "registry at the URL. Devices already there, or whose port another device has, are skipped and named.",
+        "  devproxy devices migrate --to postgresql://devproxy@db.example/devproxy -c settings.toml",
+    )
+    migrate.add_argument("--to", required=True, metavar="URL", help="the PostgreSQL registry (postgresql://...)")
+    for action in (listing, add, remove, from_export, migrate):
         _add_config_option(action)
 
     status = _command(
@@ -370,6 +398,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return import_config(args)
     if args.subcommand == "devices":
         return devices(args)
+    if args.subcommand == "connect":
+        return connect(args)
     return send(args)
 
 
@@ -388,6 +418,10 @@ def check(path: str) -> int:
     if settings is None:
         return EXIT_CONFIG
     print(f"{path}: OK, {len(settings.devices)} device(s)")
+    from proxy import exposure
+
+    for warning in exposure.warnings(settings):
+        print(f"warning: {warning}", file=sys.stderr)
     for device in settings.devices:
         line = (
             f"{device.line_baudrate} {device.bytesize}{device.parity}{device.stopbits:g}"
@@ -399,11 +433,13 @@ def check(path: str) -> int:
         print(f"  {device.name}: {device.type} {device.describe()} {line}".rstrip())
         listen = ", ".join(map(str, device.listen))
         print(f"    protocol {device.protocol}, {device.sharing} sharing, clients on {listen}")
+        if device.listen_tls:
+            print(f"    TLS clients on {', '.join(map(str, device.listen_tls))}")
     if settings.proxy.status is not None:
         print(f"  status page on {settings.proxy.status}")
     if settings.dialin is not None:
         dialin = settings.dialin
-        listen = ", ".join(map(str, dialin.listen))
+        listen = ", ".join([*map(str, dialin.listen), *(f"{address} (TLS)" for address in dialin.listen_tls)])
         ports = "chosen by the system" if dialin.direct_ports is None else "{}-{}".format(*dialin.direct_ports)
         print(f"  dial-in devices connect on {listen}, identify by {dialin.identify}, direct ports {ports}")
         print(f"    registry {dialin.registry}, protocol {dialin.protocol}, {dialin.sharing} sharing")
@@ -420,13 +456,15 @@ def _registry_problems(settings: Settings) -> list[str]:
     """Registered devices whose direct port `run` could not open; none when there is no registry yet, or
     a running proxy holds it (which `check` then says)."""
     from proxy.dialin import devices as registry_commands
-    from proxy.dialin.registry import Registry, RegistryError
+    from proxy.dialin.cluster import open_registry
+    from proxy.dialin.postgres import is_postgres
+    from proxy.dialin.registry import RegistryError
 
     assert settings.dialin is not None
-    if not Path(settings.dialin.registry).exists():
+    if not is_postgres(settings.dialin.registry) and not Path(settings.dialin.registry).exists():
         return []
     try:
-        registry = Registry(settings.dialin.registry, settings.dialin.direct_ports, lock_wait=0.5)
+        registry = open_registry(settings.dialin, lock_wait=0.5)
     except RegistryError as exc:
         print(f"  the registry's direct ports are not checked: {exc}")
         return []
@@ -564,6 +602,23 @@ def _simulate_replay(args: argparse.Namespace, faults: object) -> int:
     return EXIT_OK
 
 
+def connect(args: argparse.Namespace) -> int:
+    """A virtual serial port joined to a device port until SIGTERM (0) or Ctrl-C (130, from main());
+    2 when the pty or its link cannot be made."""
+    from proxy import connect as virtual_port
+    from proxy import log
+
+    log.setup(ProxyConfig())
+    try:
+        virtual_port.run(args.address, args.pty, rfc2217=args.rfc2217)
+    except BrokenPipeError:
+        raise  # stdout, closed by its reader: main() ends quietly
+    except OSError as exc:
+        print(f"error: cannot make a pty linked as {args.pty}: {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    return EXIT_OK
+
+
 def send(args: argparse.Namespace) -> int:
     """One exchange with a device; prints each step as it happens, and on failure one line on stderr.
 
@@ -583,9 +638,10 @@ def send(args: argparse.Namespace) -> int:
 
 
 def devices(args: argparse.Namespace) -> int:
-    """The registry of dial-in devices: list, add, remove, import; exit 1 with the reason on failure."""
+    """The registry of dial-in devices: list, add, remove, import, migrate; exit 1 with the reason on failure."""
     from proxy.dialin import devices as registry_commands
-    from proxy.dialin.registry import Registry, RegistryError
+    from proxy.dialin.cluster import open_registry
+    from proxy.dialin.registry import RegistryError
 
     settings = _load(args.config or default_config_path())
     if settings is None:
@@ -593,16 +649,18 @@ def devices(args: argparse.Namespace) -> int:
     if settings.dialin is None:
         print(f"error: {settings.source} has no [dialin] table: there is no registry", file=sys.stderr)
         return EXIT_CONFIG
+    if args.action == "migrate":
+        return _migrate(settings.dialin, args.to)
     try:
-        registry = Registry(settings.dialin.registry, settings.dialin.direct_ports, lock_wait=0.5)
+        registry = open_registry(settings.dialin, lock_wait=0.5)
     except RegistryError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_FAILED
     try:
         if args.action == "list":
-            records = registry.all()
-            rows = [registry_commands.as_row(record) for record in records]
-            print(json.dumps(rows, indent=1) if args.json else registry_commands.table(records))
+            records, holders = registry.all(), registry_commands.holders(registry)
+            rows = [registry_commands.as_row(record, holders) for record in records]
+            print(json.dumps(rows, indent=1) if args.json else registry_commands.table(records, holders))
         elif args.action == "add":
             record = registry_commands.add(registry, args.id, args.port, settings.listener_ports(), name=args.name)
             print(f"added {record.id} with direct port {record.direct_port}")
@@ -624,6 +682,40 @@ def devices(args: argparse.Namespace) -> int:
     finally:
         registry.close()
     return EXIT_OK
+
+
+def _migrate(dialin: DialinConfig, url: str) -> int:
+    """`devices migrate`: the SQLite registry copied into PostgreSQL; exit 1 with the reason on failure."""
+    from proxy.dialin import devices as registry_commands
+    from proxy.dialin.postgres import PostgresRegistry, is_postgres
+    from proxy.dialin.registry import Registry, RegistryError
+
+    if is_postgres(dialin.registry):
+        print("error: [dialin] registry is PostgreSQL already; migrate copies a SQLite file", file=sys.stderr)
+        return EXIT_FAILED
+    if not is_postgres(url):
+        print(f"error: --to {url!r} is not a postgresql:// URL", file=sys.stderr)
+        return EXIT_FAILED
+    try:
+        source = Registry(dialin.registry, dialin.direct_ports, lock_wait=0.5)
+    except RegistryError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    try:
+        target = PostgresRegistry(url, dialin.direct_ports)
+        try:
+            copied, skipped = registry_commands.migrate(source, target)
+        finally:
+            target.close()
+    except RegistryError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    finally:
+        source.close()
+    for line in skipped:
+        print(f"skipped {line}")
+    print(f"{len(copied)} copied to {target.path}, {len(skipped)} skipped")
+    return EXIT_OK if not skipped else EXIT_FAILED
 
 
 def import_config(args: argparse.Namespace) -> int:
@@ -678,7 +770,7 @@ def status(args: argparse.Namespace) -> int:
                 proxy_config = ProxyConfig()
         if url is None:
             address = proxy_config.status or Address("127.0.0.1", 8600)
-            url = f"http://{address}"
+            url = f"{'https' if proxy_config.status_tls else 'http'}://{address}"
         token = token or proxy_config.status_token
     try:
         devices = fetch(url if "://" in url else f"http://{url}", token)

@@ -9,10 +9,15 @@ from functools import partial
 import trio
 from loguru import logger
 
-from proxy import accept, wire
+from proxy import accept, tls, wire
 from proxy.config import DeviceConfig
 from proxy.device import Device, Refused
+from proxy.dialin import forward
 from proxy.events import Kind
+from proxy.telnet_stream import ComPortListener, ComPortStream
+
+# Refused clients told nothing: networks the proxy does not serve, and peers with no working TLS session.
+SILENT_REFUSALS = ("not allowed", "tls")
 
 
 def peer_name(stream: trio.abc.Stream) -> str:
@@ -84,30 +89,41 @@ def serve_clients(device: Device, listeners: list[trio.SocketListener], nursery:
     Error handling: the accept loop pauses and retries on EMFILE and the like; one client's failure is
     logged and never reaches another client or the device. The caller closes the listeners.
     """
-    handler = partial(handle_client, device)
     for listener in listeners:
+        handler = partial(handle_client, device, rfc2217=isinstance(listener, ComPortListener))
         nursery.start_soon(accept.accept_loop, listener, handler, nursery)
 
 
-async def handle_client(device: Device, stream: trio.abc.Stream) -> None:
-    """One client connection, from accept to close. Resource handling: closes `stream` before returning."""
+async def handle_client(device: Device, stream: trio.abc.Stream, *, rfc2217: bool = False) -> None:
+    """One client connection, from accept to close: `allow`, then a TLS port's handshake, then
+    max_clients; a client refused by any of them never counts as connected nor waits for the device.
+
+    Resource handling: closes `stream` before returning.
+    """
     name = peer_name(stream)
     # Every line about this client names its device and itself, for log_json and the per-device log_level.
     client_log = logger.bind(device=device.name, client=name)
-    async with stream:
-        refusal = _admission(device, stream)
+    try:
+        refusal = _not_allowed(device, stream) or await _handshake(stream) or _over_capacity(device)
         if refusal:
             device.count_refusal(refusal[0])
             device.events.record(Kind.REFUSED, f"{refusal[0]}: {refusal[1]}", name)
             client_log.info(
                 "{}: client {} refused: {}", device.name, name, refusal[1], event="refused", reason=refusal[0]
             )
-            if refusal[0] != "not allowed":
+            if refusal[0] not in SILENT_REFUSALS:
                 await wire.finish(stream, device.config.busy_reply)
+            return
+        # A dial-in device another instance holds (a shared registry): its clients are carried there.
+        holder = device.elsewhere() if device.elsewhere is not None else None
+        if holder is not None and await forward.forward_client(device, stream, name, holder):
             return
         device.client_connected()
         device.events.record(Kind.CONNECT, client=name)
         client_log.info("{}: client {} connected ({} connected)", device.name, name, device.clients, event="connect")
+        if rfc2217:
+            # An RFC 2217 port's client (listen_rfc2217): the Telnet layer, once it is admitted.
+            stream = ComPortStream(stream, device, name)
         client = Client(stream, name, device.config)
         try:
             why = "disconnected"
@@ -129,10 +145,12 @@ async def handle_client(device: Device, stream: trio.abc.Stream) -> None:
         finally:
             client.leaving("closed")
             device.client_disconnected()
+    finally:
+        await tls.aclose(stream)
 
 
-def _admission(device: Device, stream: trio.abc.Stream) -> tuple[str, str] | None:
-    """Why this client may not even queue for the device, or None."""
+def _not_allowed(device: Device, stream: trio.abc.Stream) -> tuple[str, str] | None:
+    """Why this client's address may not reach the device, or None. Checked before anything costs."""
     config = device.config
     if config.allow:
         try:
@@ -146,6 +164,23 @@ def _admission(device: Device, stream: trio.abc.Stream) -> tuple[str, str] | Non
             address = address.ipv4_mapped
         if not any(address in network for network in config.allow):
             return ("not allowed", f"{address} is not in allow")
+    return None
+
+
+async def _handshake(stream: trio.abc.Stream) -> tuple[str, str] | None:
+    """Why a TLS port's client failed its handshake, or None (also for a plain port)."""
+    if not isinstance(stream, trio.SSLStream):
+        return None
+    try:
+        await tls.handshake(stream)
+    except tls.HandshakeFailed as exc:
+        return ("tls", f"TLS handshake failed: {exc}")
+    return None
+
+
+def _over_capacity(device: Device) -> tuple[str, str] | None:
+    """Why the device takes no more clients now, or None."""
+    config = device.config
     if device.clients >= config.max_clients:
         return ("too many clients", f"max_clients = {config.max_clients} reached")
     return None

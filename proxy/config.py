@@ -27,6 +27,8 @@ SHARING_MODES = ("session", "exchange")
 AUTO = "auto"
 PARITIES = ("N", "E", "O", "M", "S")
 STOPBITS = (1, 1.5, 2)
+# dtr and rts: raised, dropped, or as the port's open leaves them.
+MODEM_LINE_SETTINGS = ("on", "off", "keep")
 # Unicode letters and digits ("касса-1" is a fine name), '-' and '_'.
 NAME_PATTERN = re.compile(r"[\w-]+")
 # A settings file is a few KB; one far larger is a mistake (or not a settings file at all).
@@ -85,6 +87,17 @@ def parse_address(text: str) -> Address:
 
 
 @attrs.define(frozen=True)
+class TlsFiles:
+    """What a TLS listener serves (PEM files) and whom it lets in: clients with a certificate signed by
+    client_ca ("" = no client certificate asked), named in client_names (empty = any of them)."""
+
+    cert: str
+    key: str
+    client_ca: str = ""
+    client_names: tuple[str, ...] = ()
+
+
+@attrs.define(frozen=True)
 class ProxyConfig:
     """The [proxy] table: logging and the status server."""
 
@@ -95,6 +108,21 @@ class ProxyConfig:
     log_json: bool = False
     status: Address | None = Address("127.0.0.1", 8600)
     status_token: str = ""
+    # With status_tls_cert and status_tls_key, the status server speaks only HTTPS (see TlsFiles).
+    status_tls_cert: str = ""
+    status_tls_key: str = ""
+    status_tls_client_ca: str = ""
+    status_tls_client_names: tuple[str, ...] = ()
+    # Every TLS listener's clients get this long for their handshake.
+    tls_handshake_timeout: float = 10.0
+
+    @property
+    def status_tls(self) -> TlsFiles | None:
+        if not self.status_tls_cert:
+            return None
+        return TlsFiles(
+            self.status_tls_cert, self.status_tls_key, self.status_tls_client_ca, self.status_tls_client_names
+        )
 
 
 @attrs.define(frozen=True)
@@ -126,6 +154,14 @@ class DeviceConfig:
     # iec61107 on a serial device: sessions start at this rate and follow the option select's.
     iec_signon_baudrate: int = 300
     iec_baud_switch: bool = True
+    # Serial line control, applied at open and after every reconnect: flow control, and DTR and RTS
+    # ("keep": as the open leaves them). An RFC 2217 client holding the device may change them for its lease.
+    rtscts: bool = False
+    xonxoff: bool = False
+    dtr: str = "keep"
+    rts: str = "keep"
+    # Client ports that speak Telnet with the COM-PORT-OPTION (RFC 2217); they queue with `listen`'s.
+    listen_rfc2217: tuple[Address, ...] = ()
     # type = "simulator": a fault script for the simulated device (proxy.simulators.script), "" = none.
     fault_script: str = ""
     # Wait and exchange histograms of this device's own on /metrics (else it adds to the pooled ones).
@@ -138,6 +174,23 @@ class DeviceConfig:
     record_max_bytes: int = RECORD_MAX_BYTES
     record_keep: int = 3
     record_redact: tuple[str, ...] = ()
+    # Client ports that speak TLS, serving tls_cert and tls_key (see TlsFiles); they queue with `listen`'s.
+    listen_tls: tuple[Address, ...] = ()
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_client_ca: str = ""
+    tls_client_names: tuple[str, ...] = ()
+    # type = "tcp": the device speaks TLS, its certificate checked against tls_ca ("" = the system's CAs);
+    # tls_cert and tls_key are then the proxy's client certificate toward it.
+    tls: bool = False
+    tls_ca: str = ""
+
+    @property
+    def server_tls(self) -> TlsFiles | None:
+        """What the listen_tls ports serve, or None when the device has none."""
+        if not self.listen_tls:
+            return None
+        return TlsFiles(self.tls_cert, self.tls_key, self.tls_client_ca, self.tls_client_names)
 
     @property
     def switches_baud(self) -> bool:
@@ -191,6 +244,14 @@ class DialinConfig:
     identify_timeout: float = 30.0
     autoregister: bool = True
     registry: str = "devproxy.sqlite3"
+    # With a PostgreSQL registry (several instances): this instance's name ("" = the host name), the host
+    # the others reach its direct ports at ("" = the direct ports' host, or the host name for a
+    # wildcard), how long a silent instance keeps its claims, and how many registry writes wait in
+    # memory while the registry cannot be written.
+    instance: str = ""
+    advertise: str = ""
+    claim_timeout: float = 30.0
+    max_pending_writes: int = 100_000
     # A range, or None: "any", a free port chosen by the system at registration (kept across restarts
     # while it stays free).
     direct_ports: tuple[int, int] | None = (7500, 7999)
@@ -222,11 +283,49 @@ class DialinConfig:
     record_max_bytes: int = RECORD_MAX_BYTES
     record_keep: int = 3
     record_redact: tuple[str, ...] = ()
+    # Dial-in ports that speak TLS, serving tls_cert and tls_key to the devices; tls_client_ca and
+    # tls_client_names say which devices may connect (see TlsFiles).
+    listen_tls: tuple[Address, ...] = ()
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_client_ca: str = ""
+    tls_client_names: tuple[str, ...] = ()
+    # Direct ports speak TLS too, with tls_cert and tls_key; their clients (metering software, not
+    # modems) are let in by a CA and names of their own.
+    direct_tls: bool = False
+    direct_tls_client_ca: str = ""
+    direct_tls_client_names: tuple[str, ...] = ()
+    # Direct ports speak RFC 2217 instead of plain bytes (a dial-in device's line cannot be changed, but
+    # a virtual COM port driver can reach it).
+    direct_rfc2217: bool = False
 
     @property
     def direct_host(self) -> str:
         """Direct ports listen on the host of the first dial-in address."""
-        return self.listen[0].host if self.listen else "0.0.0.0"
+        first = self.listen or self.listen_tls
+        return first[0].host if first else "0.0.0.0"
+
+    @property
+    def dialin_tls(self) -> TlsFiles | None:
+        """What the listen_tls ports serve to devices, or None when there are none."""
+        if not self.listen_tls:
+            return None
+        return TlsFiles(self.tls_cert, self.tls_key, self.tls_client_ca, self.tls_client_names)
+
+    def _direct_port(self, port: int) -> dict[str, Any]:
+        """A direct port's [[device]] keys: a plain listen port, or a TLS one (direct_tls)."""
+        address = (Address(self.direct_host, port),)
+        if self.direct_rfc2217:
+            return {"listen": (), "listen_rfc2217": address}
+        if not self.direct_tls:
+            return {"listen": address}
+        return {
+            "listen_tls": address,
+            "tls_cert": self.tls_cert,
+            "tls_key": self.tls_key,
+            "tls_client_ca": self.direct_tls_client_ca,
+            "tls_client_names": self.direct_tls_client_names,
+        }
 
     def device_config(self, device_id: str, name: str, port: int) -> DeviceConfig:
         """The [[device]] settings of one registered dial-in device."""
@@ -237,13 +336,13 @@ class DialinConfig:
             path=device_id,
             protocol=self.protocol,
             sharing=self.sharing,
-            listen=(Address(self.direct_host, port),),
             reconnect_interval=0.0,
             metrics_histograms=self.metrics_histograms,
             record=recording_path(self.record, device_id),
             record_max_bytes=self.record_max_bytes,
             record_keep=self.record_keep,
             record_redact=self.record_redact,
+            **self._direct_port(port),
             **shared,
         )
 
@@ -274,8 +373,10 @@ class Settings:
         ports = {address.port: "[proxy] status" for address in (self.proxy.status,) if address is not None}
         for address in self.dialin.listen if self.dialin is not None else ():
             ports[address.port] = "[dialin] listen"
+        for address in self.dialin.listen_tls if self.dialin is not None else ():
+            ports[address.port] = "[dialin] listen_tls"
         for device in self.devices:
-            for address in device.listen:
+            for address in device.listen + device.listen_tls + device.listen_rfc2217:
                 ports[address.port] = f"device {device.name!r}"
         return ports
 
@@ -396,7 +497,11 @@ def _proxy_table(raw: dict[str, Any], problems: _Problems) -> ProxyConfig:
     table.boolean("log_json")
     table.take("status", lambda v: isinstance(v, str), "a string", lambda v: parse_address(v) if v else None)
     table.string("status_token")
-    return ProxyConfig(**table.values)
+    _tls_keys(table, "status_")
+    table.seconds("tls_handshake_timeout", positive=True)
+    config = ProxyConfig(**table.values)
+    _check_server_tls(table, config.status_tls, "status_", config.status is not None, "status")
+    return config
 
 
 def _check_log_file(value: str) -> str:
@@ -462,6 +567,11 @@ def _device_table(index: int, raw: dict[str, Any], problems: _Problems) -> Devic
     table.integer("max_message", 1, MAX_MESSAGE_LIMIT)
     table.integer("iec_signon_baudrate", 1)
     table.boolean("iec_baud_switch")
+    table.boolean("rtscts")
+    table.boolean("xonxoff")
+    table.string("dtr", MODEM_LINE_SETTINGS)
+    table.string("rts", MODEM_LINE_SETTINGS)
+    table.take("listen_rfc2217", lambda v: isinstance(v, list), 'a list of "HOST:PORT"', _list_of(parse_address))
     table.take("fault_script", lambda v: isinstance(v, str), "a file path")
     table.boolean("metrics_histograms")
     table.string("log_level", LOG_LEVELS)
@@ -469,6 +579,10 @@ def _device_table(index: int, raw: dict[str, Any], problems: _Problems) -> Devic
     table.integer("record_max_bytes", RECORD_MIN_BYTES)
     table.integer("record_keep", 0, 1000)
     table.take("record_redact", lambda v: isinstance(v, list), "a list of patterns", _list_of(_check_redaction))
+    table.take("listen_tls", lambda v: isinstance(v, list), 'a list of "HOST:PORT"', _list_of(parse_address))
+    _tls_keys(table)
+    table.boolean("tls")
+    table.take("tls_ca", lambda v: isinstance(v, str), "a file path")
     config = DeviceConfig(**{"name": "", **table.values})
     _check_device(table, config)
     return config if config.name else None
@@ -517,13 +631,23 @@ def _check_device(table: _Table, config: DeviceConfig) -> None:
         table.fail("fault_script", 'is for type = "simulator" devices')
     elif config.fault_script and config.protocol in SIMULATED_PROTOCOLS:
         _check_fault_script(table, config)
-    if "listen" in table.values and not config.listen:
+    if "listen" in table.values and not config.listen and not config.listen_tls and not config.listen_rfc2217:
         table.fail("listen", "is empty: no client could reach this device")
-    elif "listen" not in raw:
+    elif "listen" not in raw and "listen_tls" not in raw and "listen_rfc2217" not in raw:
         table.fail("listen", "is missing: no client could reach this device")
     if config.busy_reply == AUTO and config.sharing != "exchange":
         table.fail("busy_reply", "'auto' answers a refused request, so it needs sharing = 'exchange'")
     _check_record_keys(table, raw, config.record)
+    _check_device_tls(table, config)
+    _check_line_control(table, config)
+
+
+def _check_line_control(table: _Table, config: DeviceConfig) -> None:
+    """The line control keys are for a local serial port: elsewhere they would silently do nothing."""
+    if config.type != "serial":
+        for key in ("rtscts", "xonxoff", "dtr", "rts"):
+            if key in table.raw:
+                table.fail(key, f'= {table.raw[key]!r} is for type = "serial" devices, not {config.type!r}')
 
 
 def _check_record_keys(table: _Table, raw: dict[str, Any], record: str) -> None:
@@ -542,7 +666,11 @@ def _dialin_table(raw: dict[str, Any], problems: _Problems) -> DialinConfig:
     table.integer("identify_length", 0, 1024)
     table.seconds("identify_timeout", positive=True)
     table.boolean("autoregister")
-    table.take("registry", lambda v: isinstance(v, str) and v != "", "a file path", str)
+    table.take("registry", lambda v: isinstance(v, str) and v != "", "a file path or a postgresql:// URL", str)
+    table.take("instance", lambda v: isinstance(v, str), "a name", _check_instance)
+    table.take("advertise", lambda v: isinstance(v, str), "a host name or address", _check_advertise)
+    table.seconds("claim_timeout", positive=True)
+    table.integer("max_pending_writes", 1)
     table.take("direct_ports", lambda v: isinstance(v, str), 'a range such as "7500-7999", or "any"', _parse_port_range)
     table.string("protocol", PROTOCOLS)
     table.string("sharing", SHARING_MODES)
@@ -567,11 +695,23 @@ def _dialin_table(raw: dict[str, Any], problems: _Problems) -> DialinConfig:
     table.integer("record_max_bytes", RECORD_MIN_BYTES)
     table.integer("record_keep", 0, 1000)
     table.take("record_redact", lambda v: isinstance(v, list), "a list of patterns", _list_of(_check_redaction))
+    table.take("listen_tls", lambda v: isinstance(v, list), 'a list of "HOST:PORT"', _list_of(parse_address))
+    _tls_keys(table)
+    table.boolean("direct_tls")
+    table.take("direct_tls_client_ca", lambda v: isinstance(v, str), "a file path")
+    table.take("direct_tls_client_names", lambda v: isinstance(v, list), "a list of names", _list_of(str))
+    table.boolean("direct_rfc2217")
+    if table.values.get("direct_rfc2217") and table.values.get("direct_tls"):
+        table.fail("direct_rfc2217", "cannot be used with direct_tls = true: a direct port speaks one or the other")
     if "ping_after" not in table.values and table.values.get("ping_bytes"):
         table.values["ping_after"] = PING_AFTER_WITH_BYTES
+    if "listen_tls" in raw and "listen" not in raw:
+        # TLS ports alone: the default plain port would let devices in around them.
+        table.values["listen"] = ()
     config = DialinConfig(**table.values)
-    if not config.listen:
+    if not config.listen and not config.listen_tls:
         table.fail("listen", "is empty: no device could connect")
+    _check_dialin_tls(table, config)
     if config.identify == "regex" and not raw.get("identify_pattern"):
         table.fail("identify_pattern", "is missing: identify = 'regex' needs a pattern with a group for the id")
     if config.identify == "fixed" and config.identify_length == 0:
@@ -589,6 +729,106 @@ def _check_recording_template(value: str) -> str:
     if value and RECORD_ID not in Path(value).name:
         raise ValueError(f'{value!r} has no "{RECORD_ID}" in its file name: every device would write one file')
     _check_log_file(value.replace(RECORD_ID, "id"))
+    return value
+
+
+def _tls_keys(table: _Table, prefix: str = "") -> None:
+    """The four keys of a TLS listener (TlsFiles), named with `prefix` ("status_" in [proxy])."""
+    for key in ("tls_cert", "tls_key", "tls_client_ca"):
+        table.take(prefix + key, lambda v: isinstance(v, str), "a file path")
+    table.take(prefix + "tls_client_names", lambda v: isinstance(v, list), "a list of names", _list_of(str))
+
+
+def _check_server_tls(table: _Table, files: TlsFiles | None, prefix: str, serving: bool, ports: str) -> None:
+    """A TLS listener's keys fit together and its files load; `serving`: the table has TLS ports
+    (named `ports`) for them. Keys that would do nothing are errors, not silently ignored."""
+    raw, cert, key = table.raw, f"{prefix}tls_cert", f"{prefix}tls_key"
+    if files is None or not serving:
+        for name in (cert, key, f"{prefix}tls_client_ca", f"{prefix}tls_client_names"):
+            if raw.get(name):
+                table.fail(name, f"= {raw[name]!r} has no effect: {ports} is not set")
+        return
+    _check_tls_files(table, files, prefix, cert, key)
+
+
+def _check_tls_files(table: _Table, files: TlsFiles, prefix: str, cert: str, key: str) -> None:
+    from proxy.tls import TlsError, server_context
+
+    if not files.cert or not files.key:
+        table.fail(cert if not files.cert else key, "is missing: a TLS port needs a certificate and its key")
+        return
+    if files.client_names and not files.client_ca:
+        names, ca = f"{prefix}tls_client_names", f"{prefix}tls_client_ca"
+        table.fail(names, f"needs {ca}: only the names of a certificate it verified count")
+        return
+    try:
+        server_context(files, 1.0)
+    except TlsError as exc:
+        table.fail(cert, f"does not load: {exc}")
+
+
+def _check_device_tls(table: _Table, config: DeviceConfig) -> None:
+    """listen_tls's keys, or (type = "tcp", tls = true) the TLS toward the device."""
+    from proxy.tls import TlsError, client_context
+
+    raw = table.raw
+    if config.tls and config.type != "tcp":
+        table.fail("tls", 'is for type = "tcp" devices (a TLS-terminating gateway)')
+    if not config.tls:
+        if raw.get("tls_ca"):
+            table.fail("tls_ca", f"= {raw['tls_ca']!r} has no effect: tls is not true")
+        _check_server_tls(table, config.server_tls, "", bool(config.listen_tls), "listen_tls")
+        return
+    if config.listen_tls:
+        table.fail(
+            "listen_tls",
+            "cannot be used on a device with tls = true: its tls_cert and tls_key are the proxy's client "
+            "certificate toward the device",
+        )
+    for name in ("tls_client_ca", "tls_client_names"):
+        if raw.get(name):
+            table.fail(name, f"= {raw[name]!r} has no effect: listen_tls is not set")
+    if bool(config.tls_cert) != bool(config.tls_key):
+        table.fail("tls_key" if config.tls_cert else "tls_cert", "is missing: a client certificate needs both")
+        return
+    for key, files in (("tls_ca", (config.tls_ca,)), ("tls_cert", ("", config.tls_cert, config.tls_key))):
+        try:
+            client_context(*files)
+        except TlsError as exc:
+            table.fail(key, f"does not load: {exc}")
+
+
+def _check_dialin_tls(table: _Table, config: DialinConfig) -> None:
+    """listen_tls's keys, and direct_tls's, which serve the same certificate to other clients."""
+    raw = table.raw
+    _check_server_tls(table, config.dialin_tls, "", bool(config.listen_tls), "listen_tls")
+    if not config.direct_tls:
+        for name in ("direct_tls_client_ca", "direct_tls_client_names"):
+            if raw.get(name):
+                table.fail(name, f"= {raw[name]!r} has no effect: direct_tls is not true")
+        return
+    if config.listen_tls and not (config.tls_cert and config.tls_key):
+        return  # the missing key is reported already
+    direct = TlsFiles(config.tls_cert, config.tls_key, config.direct_tls_client_ca, config.direct_tls_client_names)
+    _check_tls_files(table, direct, "direct_", "tls_cert", "tls_key")
+
+
+def _check_instance(value: str) -> str:
+    if value and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}", value):
+        raise ValueError(f"{value!r} is not an instance name (letters, digits, '.', '-', '_'; at most 63)")
+    return value
+
+
+def _check_advertise(value: str) -> str:
+    if not value:
+        return value
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9.-]{0,252}", value):
+            raise ValueError(
+                f"{value!r} is not a host name or IP address (with no port: the direct ports keep their numbers)"
+            ) from None
     return value
 
 
@@ -629,7 +869,7 @@ def _check_clashes(settings: Settings, problems: _Problems) -> None:
         bound.append(("[proxy] status", settings.proxy.status))
     dialin = settings.dialin
     if dialin is not None:
-        for address in dialin.listen:
+        for address in dialin.listen + dialin.listen_tls:
             for owner, other in bound:
                 if address.overlaps(other):
                     problems.add("[dialin]", f"listen {str(address)!r} clashes with {str(other)!r} of {owner}")
@@ -644,7 +884,7 @@ def _check_clashes(settings: Settings, problems: _Problems) -> None:
         if device.name in seen_names:
             problems.add(where, f"name {device.name!r} is used by another device")
         seen_names.add(device.name)
-        for address in device.listen:
+        for address in device.listen + device.listen_tls + device.listen_rfc2217:
             for owner, other in bound:
                 if address.overlaps(other):
                     problems.add(where, f"listen {str(address)!r} clashes with {str(other)!r} of {owner}")

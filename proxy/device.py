@@ -17,9 +17,11 @@ from proxy import log, protocols, wire
 from proxy.config import DeviceConfig, DialinConfig
 from proxy.counters import ExchangeResult, counters_for
 from proxy.events import DEVICE_EVENTS, DIALIN_EVENTS, Direction, EventRing, Kind, Traffic
+from proxy.line_control import LineControl
 from proxy.links import LinkError, discard_input, open_link
 
 if TYPE_CHECKING:
+    from proxy.dialin.forward import Holder
     from proxy.sharing import Sharing
 
 # A raw byte path passes chunks on as they come; a framed one feeds them to a framer first, and a
@@ -104,11 +106,13 @@ class Device:
         "counters",
         "debugging",
         "dialin",
+        "elsewhere",
         "events",
         "fresh",
         "gave_up",
         "held",
         "last_error",
+        "line",
         "name",
         "peer",
         "protocol",
@@ -155,6 +159,9 @@ class Device:
         self._last_open_error = ""
         # Dial-in devices: their links are handed in by the dial-in server (attach()), not opened.
         self.dialin = dialin
+        # A dial-in device in a shared registry: where its clients go while another instance holds it
+        # (proxy.dialin.cluster), or None there.
+        self.elsewhere: Callable[[], Holder | None] | None = None
         self.peer: str | None = None
         self._handover: Handover | None = None
         self._handover_ready = trio.Event()
@@ -165,6 +172,8 @@ class Device:
         self._last_received = 0.0
         self._pinged = self._idle_logged = -1.0
         self.sharing: Sharing = for_device(self)
+        # The serial line's settings: the configured ones, or an RFC 2217 holder's (proxy.telnet_stream).
+        self.line = LineControl(self)
 
     def follow_log_level(self) -> None:
         """Takes the device's log level anew (its own log_level, or [proxy]'s after a reload): the byte
@@ -329,6 +338,7 @@ class Device:
         self._link = link
         self._outlet = wire.Outlet(link)
         self._line_rate = None
+        self.line.link_opened(link)
         # Held bytes are for the first client of a session; requests of exchange sharing own no such thing.
         self.fresh, self.held = self.dialin is not None and self.config.sharing == "session", bytearray(first)
         self._last_received = trio.current_time()
@@ -345,6 +355,7 @@ class Device:
                 lost = await self._read(link)
         finally:
             self._link = None
+            self.line.link_closed()
             self._outlet.close()
             self._link_scope = None
             with trio.CancelScope(shield=True):

@@ -8,7 +8,7 @@ from collections.abc import Awaitable, Callable
 import trio
 from loguru import logger
 
-from proxy import accept, log
+from proxy import accept, log, tls
 from proxy.clients import peer_name
 from proxy.config import DialinConfig
 from proxy.device import Device, Handover
@@ -25,9 +25,6 @@ FLUSH_INTERVAL = 1.0
 # of 9,000 registrations the collector took 3.3 of the proxy's 8.6 s of CPU, with these about 0.5 s.
 # Cyclic garbage waits longer for its collection; reference counting still frees everything else at once.
 GC_THRESHOLDS = (100_000, 50, 100)
-# Connects and disconnects kept while the registry cannot be written (then the oldest are dropped): a
-# day of a thousand meters reconnecting every few minutes.
-MAX_PENDING_EVENTS = 100_000
 
 
 class DialinServer:
@@ -116,7 +113,15 @@ class DialinServer:
             if not handed_over:
                 await trio.aclose_forcefully(stream)
 
-    async def _identify_and_attach(self, stream: trio.SocketStream, peer: str, order: int) -> bool:
+    async def _identify_and_attach(self, stream: trio.abc.Stream, peer: str, order: int) -> bool:
+        if isinstance(stream, trio.SSLStream):
+            try:
+                await tls.handshake(stream)
+            except tls.HandshakeFailed as exc:
+                logger.info(
+                    "dialin: {} refused: TLS handshake failed: {}", peer, exc, peer=peer, event="refused", reason="tls"
+                )
+                return False
         timeout = self.config.identify_timeout
         try:
             with trio.fail_after(timeout):
@@ -181,7 +186,7 @@ class DialinServer:
         disconnects, and the bytes each device moved.
 
         Error handling: when the registry cannot be written, everything is kept for the next flush
-        (events up to MAX_PENDING_EVENTS) and the failure is logged once, then its end; the devices
+        (events up to [dialin] max_pending_writes) and the failure is logged once, then its end; the devices
         registered meanwhile keep serving. A registry file deleted while the proxy runs is made again
         with every device the proxy knows.
         """
@@ -219,8 +224,8 @@ class DialinServer:
         """Puts what a flush could not write back in front, for the next one."""
         self.registry.put_back(rows)
         self._events[:0] = events
-        if len(self._events) > MAX_PENDING_EVENTS:
-            dropped = len(self._events) - MAX_PENDING_EVENTS
+        if len(self._events) > self.config.max_pending_writes:
+            dropped = len(self._events) - self.config.max_pending_writes
             del self._events[:dropped]
             logger.error("dialin: registry still failing; dropped the {} oldest connect/disconnect events", dropped)
 
