@@ -73,8 +73,8 @@ async def connect(
     connecting again RECONNECT_INTERVAL after the connection fails or drops.
 
     task_status gets a line for the user naming the pty. Resource handling: the pty pair and the link are
-    removed when this returns or is cancelled. While the connection is down, what the program writes is
-    dropped, as a serial cable that is not plugged in would lose it (see _reach).
+    removed when this returns or is cancelled. While the remote cannot be reached, what the program
+    writes is dropped, as on a serial cable that is not plugged in (see _reach).
     """
     master, slave, slave_path = open_pty(link)
     pty = trio.lowlevel.FdStream(master)
@@ -110,9 +110,11 @@ BROKEN = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 async def _reach(address: Address, pty: trio.lowlevel.FdStream, delay: float) -> trio.SocketStream:
     """A connection to `address`, after `delay` and then every RECONNECT_INTERVAL until one is made.
 
-    Meanwhile what the program writes is read and dropped: held back, it would reach the device late,
-    as a repeated or stale request beside the program's own retry (and a full pty would block the
-    program). How much was dropped is logged when the connection is back.
+    Bytes the program writes before the first attempt ends wait and go out on that connection. Once an
+    attempt has failed, or after a connection was lost (`delay` > 0), what the program writes is read
+    and dropped: held back, it would reach the device late, as a stale request beside the program's
+    own retry (and a full pty would block the program). How much was dropped is logged when the
+    connection is back.
     """
     dropped = 0
 
@@ -123,8 +125,9 @@ async def _reach(address: Address, pty: trio.lowlevel.FdStream, delay: float) ->
                 dropped += len(data)
 
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(drop_input)
-        await trio.sleep(delay)
+        if delay:
+            nursery.start_soon(drop_input)
+            await trio.sleep(delay)
         while True:
             try:
                 with trio.fail_after(CONNECT_TIMEOUT):
@@ -133,6 +136,9 @@ async def _reach(address: Address, pty: trio.lowlevel.FdStream, delay: float) ->
             except (OSError, trio.TooSlowError) as exc:
                 why = "timed out" if isinstance(exc, trio.TooSlowError) else exc.strerror or str(exc)
                 logger.warning("connect: cannot reach {}: {}; retrying in {:g} s", address, why, RECONNECT_INTERVAL)
+                if not delay:
+                    nursery.start_soon(drop_input)
+                    delay = RECONNECT_INTERVAL
                 await trio.sleep(RECONNECT_INTERVAL)
         nursery.cancel_scope.cancel()
     if dropped:

@@ -35,6 +35,10 @@ if TYPE_CHECKING:
     from proxy.line_control import LineSettings
 
 READ_SIZE = 65536
+# While the client has suspended the data sent to it (FLOWCONTROL-SUSPEND), this much waits here and
+# send_all() returns at once, so that a device's answer is taken and the device goes on serving others;
+# beyond it, send_all() waits for FLOWCONTROL-RESUME (client_write_timeout then applies).
+SUSPENDED_BUFFER = 65536
 # While a client has asked for modem-state notifications, the lines are read this often (TIOCMGET), and
 # only while the client's task reads its connection (session sharing: while it holds the device).
 MODEM_POLL_INTERVAL = 0.5
@@ -82,7 +86,8 @@ class ComPortStream(trio.abc.Stream):
     Every SET is answered with the value in force afterwards: the holder's change on a local serial port
     under session sharing, else the configured value, with one log line for the client saying why
     nothing changed. Modem-state notifications go out while the client's task reads (in session
-    sharing, while it holds the device) and the port has modem lines to read.
+    sharing, while it holds the device) and the port has modem lines to read. After FLOWCONTROL-SUSPEND,
+    data waits here (up to SUSPENDED_BUFFER) until FLOWCONTROL-RESUME.
 
     Resource handling: `transport_stream` is the client's connection (wire.socket_of finds its socket);
     closing this closes it. Error handling: the transport's errors propagate as they are; a malformed
@@ -101,9 +106,10 @@ class ComPortStream(trio.abc.Stream):
         self._control = bytearray(self._codec.data_to_send())
         self._eof = False
         self._send_lock = trio.StrictFIFOLock()
-        # Cleared by the client's FLOWCONTROL-SUSPEND: data waits until FLOWCONTROL-RESUME.
+        # Cleared by the client's FLOWCONTROL-SUSPEND: data waits in _suspended until FLOWCONTROL-RESUME.
         self._resumed = trio.Event()
         self._resumed.set()
+        self._suspended = bytearray()
         self._modem_mask = 0
         # The lines last notified; None while they cannot be read (then no notifications are sent).
         self._modem_last: int | None = None
@@ -139,6 +145,9 @@ class ComPortStream(trio.abc.Stream):
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         if not self._resumed.is_set():
+            if len(self._suspended) < SUSPENDED_BUFFER:
+                self._suspended += escape(bytes(data))
+                return
             await self._resumed.wait()
         async with self._send_lock:
             out = bytes(self._control) + escape(bytes(data))
@@ -201,6 +210,9 @@ class ComPortStream(trio.abc.Stream):
             if self._resumed.is_set():
                 self._resumed = trio.Event()
         elif command is Command.FLOWCONTROL_RESUME:
+            # What waited goes out now, ahead of any later data.
+            self._control += self._suspended
+            self._suspended.clear()
             self._resumed.set()
         elif command is Command.SET_LINESTATE_MASK:
             self._answer(command, value)
