@@ -211,8 +211,13 @@ class Running:
     async def start_registered(
         self, record: Record, listeners: list[trio.SocketListener] | None = None
     ) -> Device | None:
-        """Starts a registered dial-in device, offline until it connects, with its direct port listening."""
+        """Starts a registered dial-in device, offline until it connects, with its direct port listening;
+        None (logged) for a row that cannot be served (Record.unusable), which then stays as it is."""
         dialin = self.settings.dialin
+        problem = record.unusable()
+        if problem is not None:
+            logger.error("dialin: registry row {}; skipped until it is corrected or removed", problem)
+            return None
         name = self._free_name(record)
         # Held until the device runs: another registration meanwhile must not take the same name.
         self._names_starting.add(name)

@@ -104,7 +104,11 @@ async def handle_client(device: Device, stream: trio.abc.Stream, *, rfc2217: boo
     # Every line about this client names its device and itself, for log_json and the per-device log_level.
     client_log = logger.bind(device=device.name, client=name)
     try:
-        refusal = _not_allowed(device, stream) or await _handshake(stream) or _over_capacity(device)
+        refusal = _not_allowed(device, stream)
+        # A dial-in device another instance holds (a shared registry): its clients are carried there.
+        if refusal is None and await forward.to_holder(device, stream, name):
+            return
+        refusal = refusal or await _handshake(stream) or _over_capacity(device)
         if refusal:
             device.count_refusal(refusal[0])
             device.events.record(Kind.REFUSED, f"{refusal[0]}: {refusal[1]}", name)
@@ -113,10 +117,6 @@ async def handle_client(device: Device, stream: trio.abc.Stream, *, rfc2217: boo
             )
             if refusal[0] not in SILENT_REFUSALS:
                 await wire.finish(stream, device.config.busy_reply)
-            return
-        # A dial-in device another instance holds (a shared registry): its clients are carried there.
-        holder = device.elsewhere() if device.elsewhere is not None else None
-        if holder is not None and await forward.forward_client(device, stream, name, holder):
             return
         device.client_connected()
         device.events.record(Kind.CONNECT, client=name)

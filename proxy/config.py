@@ -666,7 +666,9 @@ def _dialin_table(raw: dict[str, Any], problems: _Problems) -> DialinConfig:
     table.integer("identify_length", 0, 1024)
     table.seconds("identify_timeout", positive=True)
     table.boolean("autoregister")
-    table.take("registry", lambda v: isinstance(v, str) and v != "", "a file path or a postgresql:// URL", str)
+    table.take(
+        "registry", lambda v: isinstance(v, str) and v != "", "a file path or a postgresql:// URL", _check_registry
+    )
     table.take("instance", lambda v: isinstance(v, str), "a name", _check_instance)
     table.take("advertise", lambda v: isinstance(v, str), "a host name or address", _check_advertise)
     table.seconds("claim_timeout", positive=True)
@@ -811,6 +813,17 @@ def _check_dialin_tls(table: _Table, config: DialinConfig) -> None:
         return  # the missing key is reported already
     direct = TlsFiles(config.tls_cert, config.tls_key, config.direct_tls_client_ca, config.direct_tls_client_names)
     _check_tls_files(table, direct, "direct_", "tls_cert", "tls_key")
+
+
+def _check_registry(value: str) -> str:
+    """A SQLite file path, or a postgresql:// URL that can be taken apart (its password never shown)."""
+    if value.startswith(("postgresql://", "postgres://")):
+        try:
+            urllib.parse.urlsplit(value)
+        except ValueError as exc:
+            hidden = re.sub(r"//.*@", "//***@", value)
+            raise ValueError(f"{hidden!r} is not a postgresql:// URL ({exc})") from None
+    return value
 
 
 def _check_instance(value: str) -> str:

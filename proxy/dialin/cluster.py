@@ -79,6 +79,8 @@ class Cluster:
         self._identified: dict[str, float] = {}
         # Why the last heartbeat failed, while the database cannot be reached.
         self._failing: str | None = None
+        # Instances found advertising this instance's own address (logged once each).
+        self._sharing_address: set[str] = set()
         # Set after each heartbeat that reached the database.
         self.polled = trio.Event()
 
@@ -108,11 +110,20 @@ class Cluster:
             logger.info("dialin: {}: claim kept until the registry can be reached ({})", device_id, exc)
 
     def elsewhere(self, device: Device) -> Holder | None:
-        """The live instance that holds `device`, with its direct port there, when that is not this one."""
+        """The live instance that holds `device`, with its direct port there, when that is not this one.
+
+        None also when the holder advertises this instance's own address: a client carried there would
+        come back here, again and again (heartbeat() logs that misconfiguration).
+        """
         claim = self.claims.get(device.config.path)
         if claim is None or claim.holder == self.instance or not claim.live or not claim.advertise:
             return None
-        return Holder(claim.holder, Address(claim.advertise, device.config.listen[0].port))
+        if claim.advertise == self.registry.advertise:
+            return None
+        config = device.config
+        # The direct port is plain, TLS or RFC 2217 ([dialin] direct_tls, direct_rfc2217): one of these.
+        port = (*config.listen, *config.listen_tls, *config.listen_rfc2217)[0].port
+        return Holder(claim.holder, Address(claim.advertise, port))
 
     def _follow(self, device: Device) -> None:
         if device.elsewhere is None:
@@ -140,6 +151,21 @@ class Cluster:
                 except RegistryError as exc:
                     logger.warning("dialin: this instance's claims expire after claim_timeout: {}", exc)
 
+    def _warn_of_shared_addresses(self) -> None:
+        """Logs once each instance that holds devices and advertises this instance's address: its
+        clients are served here, offline, rather than carried in a loop."""
+        for claim in self.claims.values():
+            same = claim.advertise == self.registry.advertise and claim.holder != self.instance
+            if same and claim.live and claim.holder not in self._sharing_address:
+                self._sharing_address.add(claim.holder)
+                logger.error(
+                    "dialin: instance {} advertises {}, as this instance {} does; its devices' clients are not"
+                    " forwarded from here: give each instance its own [dialin] advertise",
+                    claim.holder,
+                    claim.advertise,
+                    self.instance,
+                )
+
     async def heartbeat(self) -> None:
         """One heartbeat and what follows from it (see the module docstring)."""
         began = trio.current_time()
@@ -158,6 +184,7 @@ class Cluster:
             logger.info("dialin: instance {}: the registry can be reached again", self.instance)
             self._failing = None
         self.claims = poll.claims
+        self._warn_of_shared_addresses()
         for device_id, record in poll.records.items():
             if device_id not in self.registry.known:
                 self.registry.adopt(record)

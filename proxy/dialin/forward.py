@@ -2,7 +2,9 @@
 
 The lock, the queue, busy answers and settling stay at the instance that holds the meter's link; this
 instance only carries bytes. Admission (allow, max_clients) is checked here first, as for any client,
-and again at the holder, which sees this instance's address as the client's.
+and again at the holder, which sees this instance's address as the client's. A forwarded client counts
+among the device's clients here for as long as it is carried, so that max_clients bounds the
+connections a flood (or two instances that each believe the other holds the device) can open.
 """
 
 from __future__ import annotations
@@ -29,14 +31,31 @@ class Holder:
     address: Address
 
 
-async def forward_client(device: Device, stream: trio.abc.Stream, name: str, holder: Holder) -> bool:
-    """Carries a client's bytes to `holder`'s direct port of `device` and back until
-    either side ends; False, with nothing sent either way, when the holder cannot be reached.
+async def to_holder(device: Device, stream: trio.abc.Stream, name: str) -> bool:
+    """Carries an admitted client's bytes to the instance that holds `device`, when another does, until
+    either side ends; False, with nothing sent either way, when this instance serves the client itself:
+    it holds the device, no live instance does, max_clients is reached here, or the holder cannot be
+    reached. A TLS port's client is carried before its handshake, which the holder's port (TLS too)
+    answers: the session is end to end, and the holder checks the client's certificate.
 
     Resource handling: closes its own connection to the holder; the caller owns and closes `stream`.
+    The client counts in `device.clients` from the first attempt until it is carried no more.
     Error handling: a connection to the holder that fails is logged; the caller then serves the client
     here, where the device is offline. A side that fails or ends mid-way ends the other.
     """
+    holder = device.elsewhere() if device.elsewhere is not None else None
+    if holder is None or device.clients >= device.config.max_clients:
+        return False
+    if isinstance(stream, trio.SSLStream):
+        stream = stream.transport_stream
+    device.client_connected()
+    try:
+        return await _forward(device, stream, name, holder)
+    finally:
+        device.client_disconnected()
+
+
+async def _forward(device: Device, stream: trio.abc.Stream, name: str, holder: Holder) -> bool:
     try:
         with trio.fail_after(CONNECT_TIMEOUT):
             upstream = await trio.open_tcp_stream(holder.address.host, holder.address.port)

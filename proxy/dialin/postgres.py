@@ -81,6 +81,10 @@ RECONNECT_INTERVAL = 1.0
 # milliseconds of unacknowledged data, or by keepalives when idle, rather than hanging a query forever.
 TCP_USER_TIMEOUT_MS = 10_000
 KEEPALIVES = {"keepalives": 1, "keepalives_idle": 5, "keepalives_interval": 2, "keepalives_count": 3}
+# A statement that waits for a row lock longer than this (an operator's transaction left open in psql)
+# fails, and one that runs longer than the next is cancelled: the one worker never waits for ever, so
+# heartbeats and registrations go on, and the failed write is tried again.
+SESSION_SETTINGS = {"lock_timeout": "2s", "statement_timeout": "10s"}
 
 _SELECT_ROWS = f"SELECT {', '.join(COLUMNS)} FROM devices"
 _INSERT_ROW = f"INSERT INTO devices ({', '.join(COLUMNS)}) VALUES ({', '.join(['%s'] * len(COLUMNS))})"
@@ -98,8 +102,13 @@ def is_postgres(location: str) -> bool:
 
 
 def redacted(url: str) -> str:
-    """The URL without its password, for messages and logs."""
-    parts = urllib.parse.urlsplit(url)
+    """The URL without its password, for messages and logs (without anything before its host when
+    it cannot be taken apart)."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError:
+        scheme, _, rest = url.partition("://")
+        return f"{scheme}://***@{rest.rsplit('@', 1)[1]}" if "@" in rest else url
     if parts.password is None:
         return url
     host = parts.netloc.rsplit("@", 1)[1]
@@ -197,8 +206,11 @@ class PostgresRegistry:
                 application_name=f"devproxy {self.instance}".strip()[:63],
                 **KEEPALIVES,
             )
+            for name, value in SESSION_SETTINGS.items():
+                self._db.execute("SELECT set_config(%s, %s, false)", (name, value))
         except self._psycopg.Error as exc:
-            self.down = _reason(exc)
+            # libpq quotes a URL it cannot parse, password and all.
+            self.down = _reason(exc).replace(self.url, self.path)
             raise RegistryError(f"registry {self.path}: cannot be reached ({self.down})") from None
         self.down = None
 

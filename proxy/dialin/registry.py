@@ -39,7 +39,11 @@ from typing import Any, TypeVar
 import attrs
 import trio
 
+from proxy.dialin.identify import is_device_id, shown
+
 T = TypeVar("T")
+# The highest TCP port: a larger number in a row written by hand would be bound modulo 65536.
+MAX_PORT = 65535
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS devices (
@@ -116,6 +120,16 @@ class Record:
     def new(cls, device_id: str, port: int, name: str = "", note: str = "") -> Record:
         """The record of a device registered now, never seen yet."""
         return cls(device_id, name, note, port, _now(), None, None, None, None, 0, 0)
+
+    def unusable(self) -> str | None:
+        """Why a row written by hand (or by a program other than devproxy) cannot be served: a direct
+        port that is no TCP port (the system would bind another, or none), or an id no device could
+        identify with; None for a good row."""
+        if not isinstance(self.id, str) or not is_device_id(self.id):
+            return f"{shown(str(self.id))} is no device id"
+        if not isinstance(self.direct_port, int) or not 1 <= self.direct_port <= MAX_PORT:
+            return f"{self.id}: direct port {self.direct_port} is not a TCP port"
+        return None
 
 
 @attrs.frozen
