@@ -882,11 +882,11 @@ def _check_clashes(settings: Settings, problems: _Problems) -> None:
         bound.append(("[proxy] status", settings.proxy.status))
     dialin = settings.dialin
     if dialin is not None:
-        for address in dialin.listen + dialin.listen_tls:
+        for key, address in _keyed(("listen", dialin.listen), ("listen_tls", dialin.listen_tls)):
             for owner, other in bound:
                 if address.overlaps(other):
-                    problems.add("[dialin]", f"listen {str(address)!r} clashes with {str(other)!r} of {owner}")
-            bound.append(("[dialin] listen", address))
+                    problems.add("[dialin]", f"{key} {str(address)!r} clashes with {str(other)!r} of {owner}")
+            bound.append((f"[dialin] {key}", address))
         if dialin.direct_ports is not None:
             low, high = dialin.direct_ports
             for owner, other in list(bound):
@@ -897,14 +897,24 @@ def _check_clashes(settings: Settings, problems: _Problems) -> None:
         if device.name in seen_names:
             problems.add(where, f"name {device.name!r} is used by another device")
         seen_names.add(device.name)
-        for address in device.listen + device.listen_tls + device.listen_rfc2217:
+        listeners = (
+            ("listen", device.listen),
+            ("listen_tls", device.listen_tls),
+            ("listen_rfc2217", device.listen_rfc2217),
+        )
+        for key, address in _keyed(*listeners):
             for owner, other in bound:
                 if address.overlaps(other):
-                    problems.add(where, f"listen {str(address)!r} clashes with {str(other)!r} of {owner}")
+                    problems.add(where, f"{key} {str(address)!r} clashes with {str(other)!r} of {owner}")
             ports = dialin.direct_ports if dialin is not None else None
             if ports is not None and ports[0] <= address.port <= ports[1]:
-                problems.add(where, f"listen {str(address)!r} is in [dialin] direct_ports")
-            bound.append((f"{where} listen", address))
+                problems.add(where, f"{key} {str(address)!r} is in [dialin] direct_ports")
+            bound.append((f"{where} {key}", address))
+
+
+def _keyed(*keys: tuple[str, tuple[Address, ...]]) -> list[tuple[str, Address]]:
+    """(key, address) for every address of every listening key given as (key, addresses)."""
+    return [(key, address) for key, addresses in keys for address in addresses]
 
 
 def parse(raw: dict[str, Any], source: str = "<string>") -> Settings:
