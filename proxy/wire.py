@@ -157,19 +157,29 @@ async def finish(stream: trio.abc.Stream, reply: bytes = b"", linger: float = 1.
     """Sends `reply`, ends our side, and reads what the peer still sends (up to `linger` seconds).
 
     Closing a socket with unread input makes the kernel send a reset, which can destroy the reply
-    before the peer reads it; draining first lets a refusal or an error answer arrive. A stream that
-    cannot end one direction (TLS) is closed after the reply instead, which tells its peer the same.
-    Errors from a peer already gone are ignored: there is nobody left to tell.
+    before the peer reads it; draining first lets a refusal or an error answer arrive. TLS ends with its
+    close_notify and waits for the peer's (or its leaving), which drains the connection the same way;
+    its TCP connection is then closed here. Another stream that cannot end one direction is closed after
+    the reply, which tells its peer the same. Errors from a peer already gone are ignored: there is
+    nobody left to tell.
     """
     with trio.move_on_after(linger):
         try:
             if reply:
                 await stream.send_all(reply)
-            if not isinstance(stream, trio.abc.HalfCloseableStream):
+            if isinstance(stream, trio.SSLStream):
+                transport, _ = await stream.unwrap()
+                async with transport:
+                    await _end_and_drain(transport)
+            elif isinstance(stream, trio.abc.HalfCloseableStream):
+                await _end_and_drain(stream)
+            else:
                 await stream.aclose()
-                return
-            await stream.send_eof()
-            while await stream.receive_some(65536):
-                pass
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             pass
+
+
+async def _end_and_drain(stream: trio.abc.HalfCloseableStream) -> None:
+    await stream.send_eof()
+    while await stream.receive_some(65536):
+        pass
