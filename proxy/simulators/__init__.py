@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import heapq
 import importlib
 import math
 import os
+import struct
+import termios
 import tty
 from collections.abc import Callable
 from pathlib import Path
@@ -18,6 +21,11 @@ from loguru import logger
 from proxy.config import SIMULATED_PROTOCOLS, Address
 from proxy.simulators.base import NO_FAULTS, Faults, SimulatedDevice, Write
 from proxy.simulators.script import Fault, FaultScript, ScriptLike, ScriptRun, as_run, load_script
+
+# Before a scripted drop hangs a pty up: how long the host may take to read what came before it, and
+# how often that is looked at.
+DROP_DRAIN_LIMIT = 1.0
+DROP_DRAIN_POLL = 0.005
 
 __all__ = [
     "BYTE_TIMEOUT",
@@ -152,12 +160,34 @@ async def serve_pty(
             device = model() if model is not None else model_factory(protocol)(faults, script=run)
             # Keeping the slave open here means a host that closes it causes no EIO on the master side.
             dropped = await serve_stream(stream, device)
+            if dropped:
+                await _until_read(slave)
         finally:
             close_pty(link, slave)
             await stream.aclose()
         if not dropped:
             return
         logger.info("simulated {} device dropped its link (scripted); a new pty at {}", protocol, link)
+
+
+async def _until_read(slave: int) -> None:
+    """Waits until the host has read what the device wrote before a scripted drop, for at most
+    DROP_DRAIN_LIMIT: a pty's hang-up throws away what its slave side has not read yet, which a drop
+    `after` K bytes must not. The bytes take a moment to cross from the master side, hence the first
+    wait."""
+    with trio.move_on_after(DROP_DRAIN_LIMIT):
+        while True:
+            await trio.sleep(DROP_DRAIN_POLL)
+            if not _unread(slave):
+                return
+
+
+def _unread(slave: int) -> int:
+    """Bytes waiting on the slave side of a pty for the host to read them."""
+    try:
+        return struct.unpack("i", fcntl.ioctl(slave, termios.FIONREAD, b"\0\0\0\0"))[0]
+    except OSError:
+        return 0
 
 
 def open_pty(link: Path) -> tuple[int, int, str]:
