@@ -411,8 +411,9 @@ async def test_each_dialin_device_records_into_its_own_file_named_by_its_id(tmp_
         address = device.config.listen[0]
         async with await trio.open_tcp_stream("127.0.0.1", address.port) as client:
             answer = await ask(client, BEEP)
+        # Queued (or written) now; the proxy's stop writes what is still queued.
         recorder = device.sharing.recorder
-        await wait_for(device, lambda: recorder.written >= 1)
+        await wait_for(device, lambda: recorder.queued + recorder.written >= 1)
         nursery.cancel_scope.cancel()
     await link.aclose()
     [record] = load_recording(tmp_path / "rec" / "REG%2F7.jsonl")
