@@ -766,7 +766,8 @@ def _check_tls_files(table: _Table, files: TlsFiles, prefix: str, cert: str, key
     try:
         server_context(files, 1.0)
     except TlsError as exc:
-        table.fail(cert, f"does not load: {exc}")
+        by_file = {files.key: key, files.client_ca: f"{prefix}tls_client_ca"}
+        table.fail(by_file.get(exc.path, cert) if exc.path else cert, f"does not load: {exc}")
 
 
 def _check_device_tls(table: _Table, config: DeviceConfig) -> None:

@@ -32,7 +32,12 @@ _ASCII_LOWER = str.maketrans(string.ascii_uppercase, string.ascii_lowercase)
 
 
 class TlsError(Exception):
-    """A certificate, key or CA file cannot be used; the message names the file and says why."""
+    """A certificate, key or CA file cannot be used; the message names the file and says why, and
+    `path` is that file ("" when it is a certificate and key that do not fit together)."""
+
+    def __init__(self, message: str, path: str = "") -> None:
+        super().__init__(message)
+        self.path = path
 
 
 class HandshakeFailed(Exception):
@@ -86,11 +91,12 @@ def _check_file(path: str) -> None:
     try:
         found = os.stat(path)
     except OSError as exc:
-        raise TlsError(f"cannot read {path}: {exc.strerror or exc}") from None
+        raise TlsError(f"cannot read {path}: {exc.strerror or exc}", path) from None
     if not stat.S_ISREG(found.st_mode):
-        raise TlsError(f"cannot read {path}: not a regular file")
+        raise TlsError(f"cannot read {path}: not a regular file", path)
     if found.st_size > MAX_PEM_FILE:
-        raise TlsError(f"{path}: {found.st_size} bytes, too big for a PEM file (at most {MAX_PEM_FILE >> 20} MiB)")
+        too_big = f"{path}: {found.st_size} bytes, too big for a PEM file (at most {MAX_PEM_FILE >> 20} MiB)"
+        raise TlsError(too_big, path)
 
 
 def _load_chain(context: ssl.SSLContext, cert: str, key: str) -> None:
@@ -103,7 +109,7 @@ def _load_chain(context: ssl.SSLContext, cert: str, key: str) -> None:
     except OSError as exc:
         # A missing or unreadable file: say which of the two.
         path = exc.filename or (cert if not key else f"{cert} or {key}")
-        raise TlsError(f"cannot read {path}: {exc.strerror or exc}") from None
+        raise TlsError(f"cannot read {path}: {exc.strerror or exc}", path) from None
 
 
 def _load_ca(context: ssl.SSLContext, ca: str) -> None:
@@ -111,9 +117,9 @@ def _load_ca(context: ssl.SSLContext, ca: str) -> None:
     try:
         context.load_verify_locations(cafile=ca)
     except ssl.SSLError as exc:  # an OSError too: first
-        raise TlsError(f"{ca}: not a PEM CA certificate ({_reason(exc)})") from None
+        raise TlsError(f"{ca}: not a PEM CA certificate ({_reason(exc)})", ca) from None
     except OSError as exc:
-        raise TlsError(f"cannot read {ca}: {exc.strerror or exc}") from None
+        raise TlsError(f"cannot read {ca}: {exc.strerror or exc}", ca) from None
 
 
 def _reason(exc: ssl.SSLError) -> str:

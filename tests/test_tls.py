@@ -405,7 +405,9 @@ def test_unreadable_or_mismatched_files_are_errors_naming_the_file(tmp_path, pki
     (found,) = problems(tls_device(pki, tls_key=other_key))
     assert pki.server_cert in found and other_key in found and "key values mismatch" in found
     (found,) = problems(tls_device(pki, tls_client_ca=pki.server_key))
-    assert found.startswith(f"device 'reg': tls_cert does not load: {pki.server_key}: not a PEM CA certificate")
+    assert found.startswith(f"device 'reg': tls_client_ca does not load: {pki.server_key}: not a PEM CA certificate")
+    (found,) = problems(tls_device(pki, tls_key=missing))
+    assert found.startswith(f"device 'reg': tls_key does not load: cannot read {missing}")
 
 
 @pytest.mark.parametrize("command", ["check", "run"])
