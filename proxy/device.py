@@ -385,7 +385,7 @@ class Device:
             if not data:
                 return "end of file"
             counters.bytes_from_device += len(data)
-            self._last_received = trio.current_time()
+            self._last_received = now = trio.current_time()
             if self.tracing:
                 holder = sharing.holder
                 logger.trace(
@@ -404,7 +404,7 @@ class Device:
                     self.held += data
                     continue
                 self.fresh = False
-            await sharing.device_bytes(data)
+            await sharing.device_bytes(data, now)
 
     # -- writing, and what is dropped --------------------------------------------------------------
 

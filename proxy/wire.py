@@ -43,8 +43,8 @@ def socket_of(stream: trio.abc.Stream) -> trio.socket.SocketType | None:
 async def receive_some(stream: trio.abc.Stream, fd: int, max_bytes: int) -> bytes:
     """Up to `max_bytes` bytes, b"" at end of file: waits for readability, then reads once.
 
-    Only for sockets: a serial link has its own receive_some() that tells a false end-of-file from a
-    real one. Error handling: a failed read raises trio.BrokenResourceError.
+    Only for sockets: a serial link has its own read (SerialLink.receive_unguarded) that tells a false
+    end-of-file from a real one. Error handling: a failed read raises trio.BrokenResourceError.
     """
     while True:
         await trio.lowlevel.wait_readable(fd)
@@ -94,11 +94,12 @@ class Outlet:
         if self._fd is None:
             await self._send_layered(data, stall_timeout)
             return
-        view = memoryview(data)
+        written = 0
         if not self._in_turn:
-            view = view[self._write(view) :]
-            if not view:
+            written = self._write(data)
+            if written == len(data):
                 return
+        view = memoryview(data)[written:]
         self._in_turn += 1
         if self._lock is None:
             self._lock = trio.StrictFIFOLock()
@@ -132,7 +133,7 @@ class Outlet:
         finally:
             self._in_turn -= 1
 
-    def _write(self, view: memoryview) -> int:
+    def _write(self, view: bytes | memoryview) -> int:
         try:
             return os.write(self._fd, view)
         except BlockingIOError:
@@ -142,14 +143,18 @@ class Outlet:
 
 
 def reader(stream: trio.abc.Stream, max_bytes: int) -> Callable[[], Awaitable[bytes]]:
-    """A no-argument receive for `stream`: the direct path for sockets, the stream's own otherwise.
+    """A no-argument receive for `stream`, its only reader: the direct path for sockets, a serial link's
+    own read without trio-serial's wrapper, the stream's receive_some otherwise.
 
-    Both return straight after their read, with no scheduling point in between (trio's own
+    All return straight after their read, with no scheduling point in between (trio's own
     SocketStream.receive_some has one), so the caller sees the bytes at the moment they left the
     kernel: the device's reader relies on that to give them to the lease that was current then.
     """
     if isinstance(stream, trio.SocketStream):
         return partial(receive_some, stream, stream.socket.fileno(), max_bytes)
+    unguarded = getattr(stream, "receive_unguarded", None)
+    if unguarded is not None:
+        return partial(unguarded, max_bytes)
     return partial(stream.receive_some, max_bytes)
 
 

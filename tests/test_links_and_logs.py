@@ -9,7 +9,7 @@ import socket
 import pytest
 import trio
 
-from proxy import log
+from proxy import log, wire
 from proxy.config import ProxyConfig, parse
 from proxy.device import State
 from proxy.links import LinkError, open_link
@@ -85,6 +85,47 @@ async def test_serial_link_reports_a_hang_up_as_end_of_file_not_a_spurious_empty
     await pty.unplug()
     with trio.fail_after(10):
         assert await link.receive_some() == b""
+    await link.aclose()
+
+
+async def test_the_device_readers_receive_on_a_serial_link_retries_a_false_end_of_file(tmp_path, monkeypatch):
+    """wire.reader takes the link's own read without trio-serial's wrapper: a spurious wake-up on an idle
+    tty (read() gives b"") is read again, and a hang-up is still end-of-file."""
+    pty = PtyDevice(tmp_path / "ttyFALSE")
+    device_end = pty.plug()
+    link = await open_link(device_config(type="serial", path=str(pty.path)), None)
+    pty.release_slave()
+    receive = wire.reader(link, 4096)
+    assert receive.func == link.receive_unguarded
+    real_wait = trio.lowlevel.wait_readable
+    waits = []
+    waiting_for_real = trio.Event()
+
+    async def wake_once_for_nothing(fd):
+        waits.append(fd)
+        if len(waits) == 1:
+            await trio.lowlevel.checkpoint()  # readable, says the first wake-up: the tty is idle
+            return
+        waiting_for_real.set()
+        await real_wait(fd)
+
+    monkeypatch.setattr(trio.lowlevel, "wait_readable", wake_once_for_nothing)
+    received = []
+
+    async def read() -> None:
+        received.append(await receive())
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(read)
+            await waiting_for_real.wait()
+            await device_end.send_all(b"late")
+    assert received == [b"late"]
+    assert waits == [link.fd, link.fd]
+    monkeypatch.undo()
+    await pty.unplug()
+    with trio.fail_after(10):
+        assert await receive() == b""
     await link.aclose()
 
 

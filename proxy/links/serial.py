@@ -56,32 +56,41 @@ class SerialLink(trio_serial.SerialStream):
     def fileno(self) -> int:
         return self.fd
 
-    async def _recv(self, max_bytes: int | None) -> bytes:
+    async def receive_unguarded(self, max_bytes: int = READ_SIZE) -> bytes:
+        """receive_some() without trio-serial's wrapper around it (a guard against a second reading task,
+        and a copy of bytes that are already bytes): for the device's reader, the link's only reader
+        (wire.reader), to which each wrapper costs time on every round trip.
+
+        A false end-of-file is read again; b"" means the port hung up. Error handling: a failed read
+        raises trio.BrokenResourceError, trio.ClosedResourceError once the link is closed.
+        """
+        fd = self.fd
         while True:
-            await trio.lowlevel.wait_readable(self.fd)
+            await trio.lowlevel.wait_readable(fd)
             try:
-                data = os.read(self.fd, max_bytes or READ_SIZE)
+                data = os.read(fd, max_bytes)
             except BlockingIOError:
                 continue
             except OSError as exc:
                 if exc.errno == errno.EIO:
                     return b""
                 raise trio.BrokenResourceError(f"{self.port}: {exc.strerror}") from exc
-            if not data:
-                if self._hung_up():
+            if len(data) < MORE_AFTER:
+                if data or self._hung_up():
                     return data
                 continue
-            return self._more(data, max_bytes or READ_SIZE)
+            return self._more(data, max_bytes)
+
+    async def _recv(self, max_bytes: int | None) -> bytes:
+        return await self.receive_unguarded(max_bytes or READ_SIZE)
 
     def _more(self, data: bytes, max_bytes: int) -> bytes:
-        """`data` and what else the tty holds now, up to `max_bytes`, with no scheduling point.
+        """`data` (a long read) and what else the tty holds now, up to `max_bytes`, with no scheduling point.
 
         A tty gives at most one line-discipline buffer (about 4 KiB) a read; under bulk traffic the
         next one is often there already, and each chunk costs the proxy a wake-up and a write to the
         client, so a full chunk is followed by reads until the tty has nothing more.
         """
-        if len(data) < MORE_AFTER:
-            return data
         chunks = [data]
         total = len(data)
         while total < max_bytes:

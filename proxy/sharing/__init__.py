@@ -40,8 +40,8 @@ class Sharing(Protocol):
     async def serve(self, client: Client) -> str:
         """Serves one client connection until it ends; returns how. Raises Refused."""
 
-    async def device_bytes(self, data: bytes) -> None:
-        """What the device just sent, from the device's reader, the moment it left the kernel."""
+    async def device_bytes(self, data: bytes, now: float) -> None:
+        """What the device just sent, from the device's reader, the moment it left the kernel (`now`)."""
 
     def link_up(self) -> None:
         """The link opened."""

@@ -351,12 +351,11 @@ class ExchangeSharing:
 
     # -- the device's side -----------------------------------------------------------------------
 
-    async def device_bytes(self, data: bytes) -> None:
+    async def device_bytes(self, data: bytes, now: float) -> None:
         flight = self._flight
         if flight is None:
             self.device.unsolicited(data)
             return
-        now = trio.current_time()
         answer = flight.answer
         if self._framer is None:
             answer.heard(now)

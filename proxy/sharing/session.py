@@ -282,11 +282,12 @@ class Lease:
 class SessionSharing:
     """The device's FIFO lock and the lease that holds it."""
 
-    __slots__ = ("_lease", "_lock", "_stopping", "_waiters", "config", "device", "recorder")
+    __slots__ = ("_lease", "_lock", "_stopping", "_switches_baud", "_waiters", "config", "device", "recorder")
 
     def __init__(self, device: Device) -> None:
         self.device = device
         self.config = device.config
+        self._switches_baud = device.config.switches_baud
         # FIFO like trio.Lock (its ParkingLot hands a release to the first waiter), and free of the
         # owning-task rule: a ping's lease is released by its own short task.
         self._lock = trio.Semaphore(1)
@@ -511,15 +512,14 @@ class SessionSharing:
 
     # -- the device's side -----------------------------------------------------------------------
 
-    async def device_bytes(self, data: bytes) -> None:
+    async def device_bytes(self, data: bytes, now: float) -> None:
         lease = self._lease
         if lease is None:
             self.device.unsolicited(data)
             return
-        now = trio.current_time()
         lease.last_activity = now
         await self._pass_on(lease, lease.tracker.device_sent(data, now))
-        if self.config.switches_baud and lease.tracker.line_rate is None:
+        if self._switches_baud and lease.tracker.line_rate is None:
             await self.device.follow_line_rate(None)  # an IEC session ended: back to the sign-on rate
         if lease.partial is not None and lease.tracker.holds_partial:
             lease.partial.set()
@@ -535,21 +535,28 @@ class SessionSharing:
             self.device.discarded(dropped, "an earlier client")
         if not passed:
             return
-        if lease.client is None:
+        client = lease.client
+        if client is None:
             self.device.discarded(passed, lease.name)
             return
         lease.delivering = True
         try:
-            await self._deliver(lease, passed)
+            delivered = await client.send(passed)
         finally:
             lease.delivering = False
+        if not delivered:
+            self._undelivered(lease, client, passed)
 
     async def _deliver(self, lease: Lease, data: bytes) -> None:
         client = lease.client
         if client is not None and not await client.send(data):
-            lease.client = None
-            lease.end(client.gone or "connection failed")
-            self.device.discarded(data, lease.name)
+            self._undelivered(lease, client, data)
+
+    def _undelivered(self, lease: Lease, client: Client, data: bytes) -> None:
+        """The client is gone (or took no byte for client_write_timeout): its turn ends, `data` is dropped."""
+        lease.client = None
+        lease.end(client.gone or "connection failed")
+        self.device.discarded(data, lease.name)
 
     async def _write_for_absent_host(self, lease: Lease, replies: bytes) -> None:
         """The host's part of the protocol (an ACK, a break) that the proxy plays for a client that left."""
