@@ -10,7 +10,7 @@ from loguru import logger
 
 from proxy import log, tls
 from proxy.clients import serve_clients
-from proxy.config import Address, DeviceConfig, DialinConfig, Settings, TlsFiles
+from proxy.config import Address, DeviceConfig, DialinConfig, Port, Settings, TlsFiles
 from proxy.device import Device
 from proxy.dialin.cluster import Cluster, open_registry
 from proxy.dialin.postgres import PostgresRegistry
@@ -69,10 +69,22 @@ def _bound_addresses(listeners: list[trio.SocketListener]) -> list[Address]:
     return [Address(*listener.socket.getsockname()[:2]) for listener in listeners]
 
 
+def _client_ports(listeners: list[trio.abc.Listener]) -> list[Port]:
+    """Where each of a device's listeners listens, and what its clients speak (the status page shows it)."""
+    return [Port(*listener.socket.getsockname()[:2], _kind(listener)) for listener in listeners]
+
+
+def _kind(listener: trio.abc.Listener) -> str:
+    if isinstance(listener, tls.TlsListener):
+        return "tls"
+    return "rfc2217" if isinstance(listener, ComPortListener) else "plain"
+
+
 @attrs.define(eq=False)
 class _DeviceRun:
     device: Device
     addresses: list[Address]
+    listeners: list[trio.abc.Listener] = attrs.field(factory=list)
     scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
     stopped: trio.Event = attrs.field(factory=trio.Event)
 
@@ -148,7 +160,7 @@ class Running:
         self, config: DeviceConfig, listeners: list[trio.SocketListener], dialin: DialinConfig | None = None
     ) -> Device:
         """Starts a device's supervisor and acceptors; returns it once its ports accept clients."""
-        run = _DeviceRun(Device(config, dialin), _bound_addresses(listeners))
+        run = _DeviceRun(Device(config, dialin), _client_ports(listeners), listeners)
         await self._nursery.start(self._run_device, run, listeners)
         self._runs[config.name] = run
         self._started.set()
@@ -306,6 +318,12 @@ class Running:
                 # Only its log level changed (TRACE for a misbehaving device): its clients stay.
                 self._set_log_level(name, config)
                 continue
+            if name in old and _only_server_tls_changed(old[name], config):
+                # New certificate files (a renewal under a new name): new clients get them, and the
+                # connected ones, plain or TLS, keep their sessions.
+                if not self._serve_new_certificates(name, config):
+                    new[name] = old[name]
+                continue
             if name in old:
                 logger.info("{}: settings changed; restarting", name)
                 await self.stop_device(name)
@@ -340,6 +358,24 @@ class Running:
         )
         logger.info("settings reloaded: {} device(s)", len(self._runs))
 
+    def _serve_new_certificates(self, name: str, config: DeviceConfig) -> bool:
+        """Gives the device's TLS ports the credentials of its new files; False (logged, and the files
+        loaded before serve on) when the new ones do not load."""
+        run = self._runs.get(name)
+        if run is None:
+            return False
+        try:
+            credentials = self.credentials.server(config.server_tls)
+        except tls.TlsError as exc:
+            logger.error("{}: {}; its TLS ports keep the certificate loaded before", name, exc)
+            return False
+        for listener in run.listeners:
+            if isinstance(listener, tls.TlsListener):
+                listener.credentials = credentials
+        run.device.config = config
+        logger.info("{}: TLS ports serve {} now; its clients stay connected", name, config.tls_cert)
+        return True
+
     def _set_log_level(self, name: str, config: DeviceConfig) -> None:
         device = self.devices.get(name)
         if device is None:
@@ -347,6 +383,15 @@ class Running:
         device.config = config
         log.device_level(name, config.log_level)
         logger.info("{}: log_level is now {}", name, config.log_level or "[proxy]'s")
+
+
+def _only_server_tls_changed(old: DeviceConfig, new: DeviceConfig) -> bool:
+    """True when a device's TLS ports serve other files now (and nothing else changed): no restart needed.
+    A log level changed beside them still needs one (rare enough not to be worth a path of its own)."""
+    if old == new or new.server_tls is None or new.tls:
+        return False
+    files = ("tls_cert", "tls_key", "tls_client_ca", "tls_client_names")
+    return attrs.evolve(old, **{key: getattr(new, key) for key in files}) == new
 
 
 async def serve(settings: Settings, *, task_status: trio.TaskStatus[Running] = trio.TASK_STATUS_IGNORED) -> None:

@@ -431,16 +431,23 @@ def check(path: str) -> int:
         if device.switches_baud:
             line += " at sign-on, then the rate each session agrees"
         print(f"  {device.name}: {device.type} {device.describe()} {line}".rstrip())
-        listen = ", ".join(map(str, device.listen))
-        print(f"    protocol {device.protocol}, {device.sharing} sharing, clients on {listen}")
+        listen = f"clients on {', '.join(map(str, device.listen))}" if device.listen else "no plain port"
+        print(f"    protocol {device.protocol}, {device.sharing} sharing, {listen}")
         if device.listen_tls:
             print(f"    TLS clients on {', '.join(map(str, device.listen_tls))}")
+        if device.listen_rfc2217:
+            print(f"    RFC 2217 clients on {', '.join(map(str, device.listen_rfc2217))}")
+        if device.type == "serial":
+            flow = ", ".join(name for name in ("rtscts", "xonxoff") if getattr(device, name)) or "no flow control"
+            print(f"    {flow}, DTR {device.dtr}, RTS {device.rts}")
     if settings.proxy.status is not None:
-        print(f"  status page on {settings.proxy.status}")
+        scheme = "https" if settings.proxy.status_tls else "http"
+        print(f"  status page on {scheme}://{settings.proxy.status}/")
     if settings.dialin is not None:
         dialin = settings.dialin
         listen = ", ".join([*map(str, dialin.listen), *(f"{address} (TLS)" for address in dialin.listen_tls)])
         ports = "chosen by the system" if dialin.direct_ports is None else "{}-{}".format(*dialin.direct_ports)
+        ports += " (TLS)" if dialin.direct_tls else " (RFC 2217)" if dialin.direct_rfc2217 else ""
         print(f"  dial-in devices connect on {listen}, identify by {dialin.identify}, direct ports {ports}")
         print(f"    registry {dialin.registry}, protocol {dialin.protocol}, {dialin.sharing} sharing")
         problems = _registry_problems(settings)
@@ -756,7 +763,8 @@ def status(args: argparse.Namespace) -> int:
     from proxy.status.client import StatusError, fetch, table
 
     url, token = args.url, args.token or os.environ.get("DEVPROXY_STATUS_TOKEN", "")
-    if url is None or not token:
+    # A --url with no scheme takes the one the settings give the status server (https with status_tls_*).
+    if url is None or not token or "://" not in url:
         if args.config is not None:
             # A file named on purpose must be right; the default one may well be absent here.
             settings = _load(args.config)
@@ -768,12 +776,14 @@ def status(args: argparse.Namespace) -> int:
                 proxy_config = config.load(default_config_path()).proxy
             except ConfigError:
                 proxy_config = ProxyConfig()
+        scheme = "https" if proxy_config.status_tls else "http"
         if url is None:
-            address = proxy_config.status or Address("127.0.0.1", 8600)
-            url = f"{'https' if proxy_config.status_tls else 'http'}://{address}"
+            url = str(proxy_config.status or Address("127.0.0.1", 8600))
+        if "://" not in url:
+            url = f"{scheme}://{url}"
         token = token or proxy_config.status_token
     try:
-        devices = fetch(url if "://" in url else f"http://{url}", token)
+        devices = fetch(url, token)
     except StatusError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_FAILED

@@ -74,6 +74,22 @@ class Address:
         return self.host == other.host or self.is_wildcard or other.is_wildcard
 
 
+@attrs.define(frozen=True)
+class Port(Address):
+    """A bound client port and what its clients speak: PLAIN bytes, TLS or RFC 2217 (PORT_KINDS)."""
+
+    kind: str = "plain"
+
+    def describe(self) -> str:
+        """The address with what it speaks, for people: "127.0.0.1:8443 (TLS)"; a plain port as it is."""
+        label = PORT_KINDS[self.kind]
+        return f"{self} ({label})" if label else str(self)
+
+
+# A port's kind -> how a person reads it beside the address ("" for plain bytes).
+PORT_KINDS = {"plain": "", "tls": "TLS", "rfc2217": "RFC 2217"}
+
+
 def parse_address(text: str) -> Address:
     """'HOST:PORT' or '[IPv6]:PORT' -> Address; ValueError says what is wrong."""
     match = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d+)|([^:\[\]\s]+):(\d+)", text)
@@ -461,7 +477,20 @@ class _Table:
 
     def unknown_keys(self, known: Iterable[str]) -> None:
         for key in sorted(set(self.raw) - set(known)):
-            self.problems.add(self.where, f"unknown key {key!r} = {self.raw[key]!r}")
+            hint = _MISPLACED.get((self.where.split(" ")[0], key), "")
+            self.problems.add(self.where, f"unknown key {key!r} = {self.raw[key]!r}" + (f" ({hint})" if hint else ""))
+
+
+_LINE_KEYS_IN_DIALIN = "a dial-in device's line is its modem's and cannot be set; this is a serial [[device]]'s key"
+_STATUS_TLS_IN = "the status server's TLS keys are status_tls_cert, status_tls_key, status_tls_client_ca and ..._names"
+# Keys of one table given in another, by (the table as a problem names it, key): what the operator meant.
+_MISPLACED = {
+    ("[dialin]", "listen_rfc2217"): "direct ports speak RFC 2217 with direct_rfc2217 = true",
+    **{("[dialin]", key): _LINE_KEYS_IN_DIALIN for key in ("rtscts", "xonxoff", "dtr", "rts")},
+    **{("[proxy]", key): _STATUS_TLS_IN for key in ("tls_cert", "tls_key", "tls_client_ca", "tls_client_names")},
+    **{("device", key): "a [proxy] key" for key in ("status_tls_cert", "status_tls_key", "tls_handshake_timeout")},
+    **{("device", key): "a [dialin] key" for key in ("direct_tls", "direct_rfc2217", "direct_ports")},
+}
 
 
 def _parse_hex(text: str) -> bytes:

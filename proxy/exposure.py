@@ -30,6 +30,10 @@ def warnings(settings: Settings) -> list[str]:
                 found.append(
                     f"{where}: listen {address} is open to any host: set allow, or use listen_tls with tls_client_ca"
                 )
+        for address in device.listen_rfc2217:
+            if not is_loopback(address):
+                # Worse than a plain port: a stranger may also set the line (rate, DTR, break).
+                found.append(f"{where}: listen_rfc2217 {address} is open to any host, who may set the line: set allow")
         for address in device.listen_tls if not device.tls_client_ca else ():
             if not is_loopback(address):
                 found.append(f"{where}: listen_tls {address} lets in any host: set allow or tls_client_ca")

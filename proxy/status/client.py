@@ -51,6 +51,13 @@ def _one_line(reason: object) -> str:
     return text if len(text) <= 200 else text[:200] + "..."
 
 
+def _port(address: str, device: dict[str, Any]) -> str:
+    """A listening address with what it speaks, as the API's listen_tls and listen_rfc2217 say."""
+    if address in (device.get("listen_tls") or ()):
+        return f"{address} (TLS)"
+    return f"{address} (RFC 2217)" if address in (device.get("listen_rfc2217") or ()) else address
+
+
 def table(devices: list[dict[str, Any]]) -> str:
     """The devices as aligned text columns."""
     rows = [[title for _, title in COLUMNS]]
@@ -62,6 +69,8 @@ def table(devices: list[dict[str, Any]]) -> str:
                 name = device.get("name")
                 # A dial-in device's name beside its id (and a proxy older than ids shows its names).
                 value = name if value is None else value if name in (None, value) else f"{value} ({name})"
+            elif field == "listen" and value is not None:
+                value = [_port(address, device) for address in value]
             row.append(", ".join(value) if isinstance(value, list) else "-" if value is None else str(value))
         rows.append(row)
     widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS))]

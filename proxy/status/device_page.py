@@ -15,7 +15,7 @@ import trio
 from proxy.counters import REFUSAL_REASONS, ExchangeResult, Histogram
 from proxy.status.html import attr, duration, escape, layout, moment, moment_from_epoch
 from proxy.status.page import device_link
-from proxy.status.snapshot import Entry, device_values
+from proxy.status.snapshot import Entry, describe_port, device_values
 
 # Rows the live view keeps; older ones are removed as new ones come.
 TRAFFIC_ROWS = 500
@@ -118,7 +118,7 @@ def render(entry: Entry, *, logout: bool = False) -> str:
             ("Waiting", waiting),
             ("Clients connected", escape(values["clients"])),
             ("Path or peer", escape(values["path"] or "-")),
-            ("Listen", escape(", ".join(map(str, values["listen"])))),
+            ("Listen", escape(", ".join(map(describe_port, values["listen"])))),
             ("Connected since", moment(values["connected_since"], now)),
             ("Last connect", moment(values["last_connect"], now)),
             ("Last disconnect", moment(values["last_disconnect"], now)),

@@ -18,7 +18,7 @@ import attrs
 
 from proxy.counters import ExchangeResult
 from proxy.device import UP_STATES, State
-from proxy.status.snapshot import FIELDS, Entry
+from proxy.status.snapshot import FIELDS, Entry, port_kind
 
 PAGE_SIZES = (50, 100, 200, 500)
 DEFAULT_PAGE_SIZE = 100
@@ -65,6 +65,11 @@ def _moment(name: str) -> Callable[[Entry], float | None]:
     return key
 
 
+def _first_port(entry: Entry, kind: str) -> str | None:
+    """The device's first port of this kind ("tls", "rfc2217"), or None."""
+    return next((str(address) for address in entry.listen if port_kind(address) == kind), None)
+
+
 # How each column sorts; None sorts last either way.
 SORT_KEYS: dict[str, Callable[[Entry], Any]] = {
     "id": lambda entry: entry.key.casefold(),
@@ -75,6 +80,8 @@ SORT_KEYS: dict[str, Callable[[Entry], Any]] = {
     "sharing": lambda entry: entry.device.config.sharing,
     "state": lambda entry: str(entry.device.state),
     "listen": lambda entry: str(entry.listen[0]) if entry.listen else None,
+    "listen_tls": lambda entry: _first_port(entry, "tls"),
+    "listen_rfc2217": lambda entry: _first_port(entry, "rfc2217"),
     "holder": lambda entry: entry.device.holder,
     "waiting": lambda entry: entry.device.waiting,
     "clients": lambda entry: entry.device.clients,

@@ -8,9 +8,10 @@ import time
 from typing import Any
 from urllib.parse import quote
 
+from proxy.config import PORT_KINDS, Address
 from proxy.status.html import ago, attr, count, escape, layout, moment
 from proxy.status.listing import ONLINE, PAGE_SIZES, STATES, Listing, Query
-from proxy.status.snapshot import FIELDS, device_values
+from proxy.status.snapshot import FIELDS, describe_port, device_values, port_kind
 
 # Soft hyphens (\u00ad) let long headings break over two lines, so that every column fits 1,400 px.
 TITLES = {
@@ -66,14 +67,20 @@ def _cell(field: str, values: dict[str, Any], now: float) -> str:
         return f'<td class="{css}"><span class="cut" title="{attr(title)}">{escape(value)}</span></td>'
     if field == "listen":
         # The ports: the column stays narrow; the whole addresses on hover.
-        ports = ", ".join(f":{address.port}" for address in value)
-        return f'<td title="{attr(", ".join(map(str, value)))}">{escape(ports)}</td>'
+        ports = ", ".join(_port_cell(address) for address in value)
+        return f'<td title="{attr(", ".join(map(describe_port, value)))}">{escape(ports)}</td>'
     if value is None:
         return "<td>-</td>"
     text = ", ".join(value) if isinstance(value, list) else str(value)
     if field == "path":
         return f'<td><span class="cut" title="{attr(text)}">{escape(text)}</span></td>'
     return f"<td>{escape(text)}</td>"
+
+
+def _port_cell(address: Address) -> str:
+    """A port in the list's narrow column: ":8000", ":8443 TLS", ":8100 RFC 2217"."""
+    label = PORT_KINDS[port_kind(address)]
+    return f":{address.port} {label}" if label else f":{address.port}"
 
 
 def _summary(listing: Listing) -> str:

@@ -9,7 +9,7 @@ from typing import Any
 
 import attrs
 
-from proxy.config import Address
+from proxy.config import Address, Port
 from proxy.counters import ExchangeResult
 from proxy.device import UP_STATES, Device, State
 from proxy.events import Event, TrafficLine
@@ -23,6 +23,8 @@ FIELDS = (
     "sharing",
     "state",
     "listen",
+    "listen_tls",
+    "listen_rfc2217",
     "holder",
     "waiting",
     "clients",
@@ -112,8 +114,19 @@ def device_snapshot(device: Device, listen: list[Address], key: str | None = Non
     values = device_values(device, listen, key)
     for field in TIMES:
         values[field] = iso(values[field])
-    values["listen"] = [str(address) for address in listen]
+    for field in ("listen", "listen_tls", "listen_rfc2217"):
+        values[field] = [str(address) for address in values[field]]
     return values
+
+
+def port_kind(address: Address) -> str:
+    """What a listening address's clients speak: "plain", "tls" or "rfc2217" (Port.kind)."""
+    return address.kind if isinstance(address, Port) else "plain"
+
+
+def describe_port(address: Address) -> str:
+    """The address with what it speaks, for people: "127.0.0.1:8443 (TLS)"."""
+    return address.describe() if isinstance(address, Port) else str(address)
 
 
 def device_values(device: Device, listen: list[Address], key: str | None = None) -> dict[str, Any]:
@@ -131,6 +144,9 @@ def device_values(device: Device, listen: list[Address], key: str | None = None)
         "sharing": config.sharing,
         "state": str(device.state),
         "listen": listen,
+        # Which of them speak TLS or RFC 2217 (Port.kind; an address that is no Port speaks plain bytes).
+        "listen_tls": [address for address in listen if port_kind(address) == "tls"],
+        "listen_rfc2217": [address for address in listen if port_kind(address) == "rfc2217"],
         "holder": device.holder,
         "waiting": device.waiting,
         "clients": device.clients,
