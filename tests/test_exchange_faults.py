@@ -14,7 +14,7 @@ import pytest
 import trio
 import trio.testing
 
-from proxy import wire
+from proxy import clients, wire
 from proxy.config import Address
 from proxy.counters import ExchangeResult
 from proxy.device import State
@@ -653,3 +653,35 @@ async def test_iec61107_after_the_proxys_own_break_the_next_sign_on_goes_at_the_
             await reader.send_all(IEC_SIGN_ON)
             assert await receive_exactly(device_end, len(IEC_SIGN_ON)) == IEC_SIGN_ON
             assert pty.line_speed() == 300
+
+
+async def test_the_next_request_goes_first_and_a_slow_client_taking_its_last_bytes_times_nobody_out(pty, monkeypatch):
+    # The last bytes of A's answer wait for A (a client slow to take them holds the device's reader);
+    # meanwhile B's request, written the moment A's answer was complete, must not be timed out, nor A's.
+    slow, original = {}, clients.Client.send
+
+    async def slow_send(self, data: bytes) -> bool:
+        if self.name == slow.get("name") and data.endswith(BEEP_ANSWER[1:]):
+            await trio.sleep(0.3)  # the condition under test: longer than exchange_timeout, not a wait
+            slow["released"] = True
+        return await original(self, data)
+
+    monkeypatch.setattr(clients.Client, "send", slow_send)
+    device_end = pty.plug()
+    quick = {"response_timeout": 0.05, "exchange_timeout": 0.1}
+    async with running_proxy(settings_for(exchange_device(pty, "custom", **quick))) as running:
+        device = running.devices["dev"]
+        async with await connect(running, "dev") as a, await connect(running, "dev") as b:
+            await a.send_all(BEEP)
+            assert await receive_exactly(device_end, len(BEEP)) == BEEP
+            await b.send_all(BEEP)
+            await wait_for(device, lambda: device.waiting == 1)
+            slow["name"] = device.holder
+            await device_end.send_all(BEEP_ANSWER)
+            # B's request reaches the register while A's last bytes still wait for A.
+            assert await receive_exactly(device_end, len(BEEP)) == BEEP
+            assert "released" not in slow
+            await device_end.send_all(BEEP_ANSWER)
+            assert await receive_exactly(a, len(BEEP_ANSWER)) == BEEP_ANSWER
+            assert await receive_exactly(b, len(BEEP_ANSWER)) == BEEP_ANSWER
+        assert device.counters.exchanges[ExchangeResult.OK] == 2
