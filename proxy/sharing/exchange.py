@@ -428,12 +428,19 @@ class ExchangeSharing:
         the same machine) should start on the request (bench/exchange.py, 100 clients: 88-91% of the
         direct rate that way, 96-98% this way). A client slow to take them holds the device's reader (at
         most client_write_timeout), as it would hold a direct line; the next request's times wait for the
-        reader meanwhile (_check).
+        reader meanwhile (_check). A link reset by the next request's write (a device that takes no byte)
+        cancels the reader: the complete answer is still delivered and counted (shielded; a client that
+        takes nothing is let go at client_write_timeout, one whose connection closes at once).
         """
         self._flight = None
         if self.config.switches_baud:
             await self.device.follow_line_rate(None)  # an IEC session ended: back to the sign-on rate
         await self._start_next()
+        with trio.CancelScope(shield=True):
+            await self._answered(flight, last)
+
+    async def _answered(self, flight: Flight, last: bytes) -> None:
+        """The complete answer's last bytes go to its client, then the count, the log, and what it is owed."""
         if last:
             await self._pass_on(flight, last)
         client, answer = flight.client, flight.answer
