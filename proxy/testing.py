@@ -22,13 +22,10 @@ underscore are not.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 import queue
 import shutil
-import struct
 import tempfile
-import termios
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -39,7 +36,7 @@ import attrs
 import trio
 
 from proxy.config import SIMULATED_PROTOCOLS
-from proxy.simulators import close_pty, model_factory, open_pty, serve_stream
+from proxy.simulators import close_pty, model_factory, open_pty, serve_stream, wait_until_read
 from proxy.simulators.base import NO_FAULTS, Faults, SimulatedDevice, Write
 from proxy.simulators.script import Fault, FaultScript, ScriptRun, as_run, as_script
 
@@ -57,8 +54,6 @@ __all__ = [
 
 # How long BackgroundDevice.wait_for_exchanges waits by default before it gives up.
 WAIT_LIMIT = 10.0
-# How long a scripted drop on a pty waits for the host to read what was written before it.
-DRAIN_LIMIT = 1.0
 
 
 @attrs.frozen
@@ -357,21 +352,13 @@ async def _serve_pty(device: RunningDevice, *, task_status: trio.TaskStatus[None
                     device._changed_now()
                 dropped = await device._serve(stream, device.drops)
                 if dropped:
-                    # The hang-up discards what the host has not read yet: give it a moment to read it.
-                    with trio.move_on_after(DRAIN_LIMIT):
-                        while _unread(slave):  # noqa: ASYNC110 (an ioctl to poll; no event)
-                            await trio.sleep(0.005)
+                    await wait_until_read(slave)
         finally:
             if stream is not None:
                 await trio.aclose_forcefully(stream)
         if not dropped:
             return
         device.drops += 1
-
-
-def _unread(slave: int) -> int:
-    """Bytes written to the pty that its host has not read yet."""
-    return struct.unpack("i", fcntl.ioctl(slave, termios.TIOCINQ, b"\0\0\0\0"))[0]
 
 
 @contextlib.contextmanager

@@ -22,10 +22,11 @@ from proxy.config import SIMULATED_PROTOCOLS, Address
 from proxy.simulators.base import NO_FAULTS, Faults, SimulatedDevice, Write
 from proxy.simulators.script import Fault, FaultScript, ScriptLike, ScriptRun, as_run, load_script
 
-# Before a scripted drop hangs a pty up: how long the host may take to read what came before it, and
-# how often that is looked at.
+# Before a scripted drop hangs a pty up: how long the host may take to read what came before it, how
+# often that is looked at, and how long an empty slave side must stay empty when no byte was seen there.
 DROP_DRAIN_LIMIT = 1.0
 DROP_DRAIN_POLL = 0.005
+DROP_DRAIN_QUIET = 0.05
 
 __all__ = [
     "BYTE_TIMEOUT",
@@ -38,6 +39,7 @@ __all__ = [
     "serve_pty",
     "serve_stream",
     "serve_tcp",
+    "wait_until_read",
 ]
 
 # A pause this long inside a frame makes the simulated device abandon it, as a real one's byte timeout.
@@ -161,7 +163,7 @@ async def serve_pty(
             # Keeping the slave open here means a host that closes it causes no EIO on the master side.
             dropped = await serve_stream(stream, device)
             if dropped:
-                await _until_read(slave)
+                await wait_until_read(slave)
         finally:
             close_pty(link, slave)
             await stream.aclose()
@@ -170,15 +172,21 @@ async def serve_pty(
         logger.info("simulated {} device dropped its link (scripted); a new pty at {}", protocol, link)
 
 
-async def _until_read(slave: int) -> None:
+async def wait_until_read(slave: int) -> None:
     """Waits until the host has read what the device wrote before a scripted drop, for at most
     DROP_DRAIN_LIMIT: a pty's hang-up throws away what its slave side has not read yet, which a drop
-    `after` K bytes must not. The bytes take a moment to cross from the master side, hence the first
-    wait."""
+    `after` K bytes must not. Bytes cross from the master side a moment after they were written (the
+    kernel's worker moves them), so an empty slave side counts only once bytes were seen there, or
+    after DROP_DRAIN_QUIET of seeing none.
+    """
+    seen = False
     with trio.move_on_after(DROP_DRAIN_LIMIT):
+        started = trio.current_time()
         while True:
             await trio.sleep(DROP_DRAIN_POLL)
-            if not _unread(slave):
+            if _unread(slave):
+                seen = True
+            elif seen or trio.current_time() - started >= DROP_DRAIN_QUIET:
                 return
 
 
