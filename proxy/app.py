@@ -441,10 +441,11 @@ async def serve(settings: Settings, *, task_status: trio.TaskStatus[Running] = t
                 from proxy.status.server import StatusServer  # its HTTP and metrics stack only when it is on
 
                 host = settings.proxy.status.host if settings.proxy.status is not None else ""
-                status = StatusServer(running.devices_and_addresses, settings.proxy.status_token, host)
-                await nursery.start(status.serve, status_listeners)
-                running.status = _bound_addresses(status_listeners)[0]
                 scheme = "https" if settings.proxy.status_tls is not None else "http"
+                running.status = _bound_addresses(status_listeners)[0]
+                origin = (scheme, running.status.port)
+                status = StatusServer(running.devices_and_addresses, settings.proxy.status_token, host, origin)
+                await nursery.start(status.serve, status_listeners)
                 logger.info("status page on {}://{}/", scheme, running.status)
             for config, listeners in device_listeners:
                 await running.start_device(config, listeners)

@@ -25,7 +25,8 @@ from proxy.config import ConfigError, Settings, parse
 from proxy.device import Device
 from proxy.dialin.postgres import SCHEMA_VERSION, PostgresRegistry
 from proxy.dialin.registry import Registry, RegistryError
-from proxy.status.snapshot import device_snapshot
+from proxy.status import device_page
+from proxy.status.snapshot import Entry, device_snapshot
 
 from helpers import WAIT_LIMIT, device_named, logged, meter, modem, online, receive_exactly, running_proxy, wait_for
 
@@ -400,6 +401,9 @@ async def test_three_instances_a_stopped_holder_gives_its_meter_up_and_the_other
             at_c = await device_named(c, "METER1")
             await until(c, lambda: c.cluster.elsewhere(at_c) is not None)
             assert device_snapshot(at_c, [])["path"].startswith("held by instance a (127.0.0.2:")
+            # Its page at C links to A's page of it, at the status port and scheme all instances share.
+            page = device_page.render(Entry("METER1", at_c, []), origin=("https", 8600))
+            assert 'href="https://127.0.0.2:8600/devices/METER1"' in page
             assert await asks(at_c, b"via c") == b"ANS:via c"
         # A stopped: its meter's link closed and its claim given up; the meter redials at B.
         with trio.fail_after(WAIT_LIMIT):

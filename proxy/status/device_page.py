@@ -83,8 +83,17 @@ def _waits(histogram: Histogram, pooled: bool) -> str:
     return escape(f"{observed:,}, {duration(mean)} on average{note}")
 
 
-def render(entry: Entry, *, logout: bool = False) -> str:
-    """The page of one device."""
+def holder_page(origin: tuple[str, int], host: str, key: str) -> str:
+    """The URL of a device's page at another instance (`host`), which serves its status page with this
+    one's scheme and port (`origin`)."""
+    scheme, port = origin
+    host = f"[{host}]" if ":" in host else host
+    return f"{scheme}://{host}:{port}{device_link(key)}"
+
+
+def render(entry: Entry, *, logout: bool = False, origin: tuple[str, int] | None = None) -> str:
+    """The page of one device; with this status server's `origin` (scheme, port), a dial-in device that
+    another instance holds links to that instance's page of it."""
     device, key = entry.device, entry.key
     now, clock = time.time(), trio.current_time()
     values = device_values(device, entry.listen, key)
@@ -110,6 +119,10 @@ def render(entry: Entry, *, logout: bool = False) -> str:
         else "nobody"
     )
     error = escape(values["last_error"]) + " " + moment(values["last_error_at"], now) if values["last_error"] else "-"
+    where = escape(values["path"] or "-")
+    held = device.elsewhere() if device.elsewhere is not None else None
+    if held is not None and origin is not None:
+        where += f' <a href="{attr(holder_page(origin, held.address.host, key))}">its page there</a>'
     now_rows = _rows(
         [
             ("State", f'<span class="state-{attr(state)}">{escape(state)}</span>'),
@@ -117,7 +130,7 @@ def render(entry: Entry, *, logout: bool = False) -> str:
             ("Holder", holder),
             ("Waiting", waiting),
             ("Clients connected", escape(values["clients"])),
-            ("Path or peer", escape(values["path"] or "-")),
+            ("Path or peer", where),
             ("Listen", escape(", ".join(map(describe_port, values["listen"])))),
             ("Connected since", moment(values["connected_since"], now)),
             ("Last connect", moment(values["last_connect"], now)),

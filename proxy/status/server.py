@@ -112,10 +112,17 @@ class StatusServer:
     """Answers HTTP requests about the devices that `devices()` returns, with their listen addresses."""
 
     def __init__(
-        self, devices: Callable[[], dict[str, tuple[Device, list[Address]]]], token: str, host: str = ""
+        self,
+        devices: Callable[[], dict[str, tuple[Device, list[Address]]]],
+        token: str,
+        host: str = "",
+        origin: tuple[str, int] = ("http", 0),
     ) -> None:
-        """`host`: the host of [proxy] status, a name this server goes by (see auth.own_host)."""
+        """`host`: the host of [proxy] status, a name this server goes by (see auth.own_host). `origin`:
+        this server's scheme and port, which the other instances on a shared registry serve too: a page
+        of a device another instance holds links to that instance's page of it."""
         self._devices = devices
+        self._origin = origin
         self._sessions = auth.Sessions(token)
         self._logins = auth.LoginThrottle()
         self._host = host
@@ -386,7 +393,7 @@ class StatusServer:
                 return _error(404, f"no device {parts[2]!r}")
             if method != "GET":
                 return _not_allowed("GET")
-            return _page(device_page.render(entry, logout=logout), script=device_page.SCRIPT)
+            return _page(device_page.render(entry, logout=logout, origin=self._origin), script=device_page.SCRIPT)
         if len(parts) in (4, 5) and parts[:3] == ["", "api", "devices"] and parts[3]:
             entry = find(listed, parts[3])
             if entry is None:
