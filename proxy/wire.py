@@ -18,6 +18,10 @@ from functools import partial
 
 import trio
 
+# A stream with no descriptor of its own (TLS, Telnet) is written this much at a time, each piece with
+# its own stall timeout: about one TLS record.
+LAYERED_PIECE = 16384
+
 
 def fileno(stream: trio.abc.Stream) -> int:
     """The file descriptor behind a socket stream or a serial link."""
@@ -117,19 +121,23 @@ class Outlet:
             self._in_turn -= 1
 
     async def _send_layered(self, data: bytes, stall_timeout: float) -> None:
-        """send() through the stream's own send_all, in turn. A stall leaves the stream unusable, as
-        a cancelled TLS write does; the caller ends the connection then."""
+        """send() through the stream's own send_all, in turn, LAYERED_PIECE bytes at a time: each piece
+        the peer takes restarts stall_timeout, so a slow peer that keeps reading is not a stalled one.
+        A stall leaves the stream unusable, as a cancelled TLS write does; the caller ends the
+        connection then."""
         self._in_turn += 1
         if self._lock is None:
             self._lock = trio.StrictFIFOLock()
         try:
             async with self._lock:
-                if self.closed:
-                    raise trio.ClosedResourceError("closed")
-                with trio.move_on_after(stall_timeout) as waited:
-                    await self._stream.send_all(data)
-                if waited.cancelled_caught:
-                    raise trio.TooSlowError
+                for start in range(0, len(data), LAYERED_PIECE):
+                    if self.closed:
+                        raise trio.ClosedResourceError("closed")
+                    piece = data if len(data) <= LAYERED_PIECE else data[start : start + LAYERED_PIECE]
+                    with trio.move_on_after(stall_timeout) as waited:
+                        await self._stream.send_all(piece)
+                    if waited.cancelled_caught:
+                        raise trio.TooSlowError
         finally:
             self._in_turn -= 1
 

@@ -15,7 +15,7 @@ import trio.testing
 from loguru import logger
 from test_tls import REGISTER, Pki, beep, http_get, refused_silently, tls_address, tls_connect, tls_device
 
-from proxy import tls
+from proxy import tls, wire
 from proxy.config import Address, parse
 from proxy.device import State
 
@@ -445,3 +445,28 @@ def test_a_wildcard_certificate_name_is_a_name_not_a_pattern(pki):
     assert not tls.allowed(context, ["*.example"])
     assert not tls.allowed(context, ["till.shop.example"])
     assert tls.allowed(context, ["*.SHOP.example"])
+
+
+async def test_a_layered_peer_that_keeps_reading_slowly_is_not_a_stalled_one(autojump_clock):
+    # TLS and Telnet streams have no descriptor: the Outlet writes them a piece at a time, and every
+    # piece taken restarts the stall timeout, as every byte does on a socket.
+    sender, receiver = trio.testing.lockstep_stream_pair()
+    data = bytes(range(256)) * 512
+    got = bytearray()
+
+    async def slow_reader() -> None:
+        while len(got) < len(data):
+            await trio.sleep(0.1)
+            got.extend(await receiver.receive_some(wire.LAYERED_PIECE))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(slow_reader)
+        await wire.Outlet(sender).send(data, stall_timeout=0.25)
+    assert got == data
+    assert trio.current_time() > 0.25 * 3
+
+
+async def test_a_layered_peer_that_takes_nothing_is_stalled(autojump_clock):
+    sender, _receiver = trio.testing.lockstep_stream_pair()
+    with pytest.raises(trio.TooSlowError):
+        await wire.Outlet(sender).send(b"x" * 10, stall_timeout=0.25)
