@@ -14,7 +14,7 @@ import pytest
 import test_postgres_registry
 import trio
 from test_dialin import free_ports
-from test_postgres_registry import PROXY, asks, direct_client, instance, until
+from test_postgres_registry import PROXY, asks, direct_client, instance, meter_held_at, until
 from test_tls import Pki
 
 from proxy.config import ConfigError, parse
@@ -172,12 +172,7 @@ async def test_a_flood_at_the_instance_that_does_not_hold_the_meter_is_held_to_m
         running_proxy(instance(pg_url, "b", "127.0.0.3", ports, max_clients=2)) as b,
         trio.open_nursery() as nursery,
     ):
-        link = await modem(a, b"METER1\n")
-        nursery.start_soon(meter, link)
-        at_a = await device_named(a, "METER1")
-        await online(at_a)
-        at_b = await device_named(b, "METER1")
-        await until(b, lambda: b.cluster.elsewhere(at_b) is not None)
+        link, at_a, at_b = await meter_held_at(a, b, nursery)
         carried = [await direct_client(at_b) for _ in range(2)]
         with trio.fail_after(WAIT_LIMIT):
             while at_a.clients < 2:
@@ -201,11 +196,7 @@ async def test_a_client_at_an_rfc2217_direct_port_of_another_instance_is_forward
         running_proxy(instance(pg_url, "b", "127.0.0.3", ports, direct_rfc2217=True)) as b,
         trio.open_nursery() as nursery,
     ):
-        link = await modem(a, b"METER1\n")
-        nursery.start_soon(meter, link)
-        await online(await device_named(a, "METER1"))
-        at_b = await device_named(b, "METER1")
-        await until(b, lambda: b.cluster.elsewhere(at_b) is not None)
+        link, _, at_b = await meter_held_at(a, b, nursery)
         held = b.cluster.elsewhere(at_b)
         assert (held.instance, held.address.host, held.address.port) == ("a", "127.0.0.2", ports[0])
         await link.aclose()
@@ -223,11 +214,7 @@ async def test_a_tls_client_at_another_instance_is_carried_before_its_handshake_
         running_proxy(instance(pg_url, "b", "127.0.0.3", ports, **keys)) as b,
         trio.open_nursery() as nursery,
     ):
-        link = await modem(a, b"METER1\n")
-        nursery.start_soon(meter, link)
-        await online(await device_named(a, "METER1"))
-        at_b = await device_named(b, "METER1")
-        await until(b, lambda: b.cluster.elsewhere(at_b) is not None)
+        link, _, _ = await meter_held_at(a, b, nursery)
         context = pki.client_context(pki.ca.issue_cert("metering.example"))
         client = trio.SSLStream(
             await trio.open_tcp_stream("127.0.0.3", ports[0]), context, server_hostname="meters.example"

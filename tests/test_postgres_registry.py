@@ -88,6 +88,20 @@ async def direct_client(device: Device) -> trio.SocketStream:
     return await trio.open_tcp_stream(address.host, address.port)
 
 
+async def meter_held_at(
+    holder: Running, other: Running, nursery: trio.Nursery
+) -> tuple[trio.SocketStream, Device, Device]:
+    """METER1 dials in at `holder` and answers there, and `other` knows it is held there (it forwards
+    the meter's clients): the meter's link, and its device at each instance."""
+    link = await modem(holder, b"METER1\n")
+    nursery.start_soon(meter, link)
+    at_holder = await device_named(holder, "METER1")
+    await online(at_holder)
+    at_other = await device_named(other, "METER1")
+    await until(other, lambda: other.cluster.elsewhere(at_other) is not None)
+    return link, at_holder, at_other
+
+
 async def asks(device: Device, request: bytes) -> bytes:
     """What a client at `device`'s direct port gets back for `request` from a meter()."""
     async with await direct_client(device) as client:
@@ -276,14 +290,9 @@ async def test_a_meter_at_one_instance_answers_a_client_at_another_and_moving_cl
         running_proxy(instance(pg_url, "b", "127.0.0.3", ports)) as b,
         trio.open_nursery() as nursery,
     ):
-        first = await modem(a, b"METER1\n")
-        nursery.start_soon(meter, first)
-        at_a = await device_named(a, "METER1")
-        await online(at_a)
         # B starts the device A registered, and forwards its clients to A.
-        at_b = await device_named(b, "METER1")
+        first, at_a, at_b = await meter_held_at(a, b, nursery)
         assert at_b.config.listen[0].port == at_a.config.listen[0].port
-        await until(b, lambda: b.cluster.elsewhere(at_b) is not None)
         assert await asks(at_b, b"read energy") == b"ANS:read energy"
 
         second = await modem(b, b"METER1\n")
@@ -311,12 +320,7 @@ async def test_an_instance_that_loses_the_database_keeps_its_meters_and_the_othe
             running_proxy(instance(with_options(POSTGRES, schema), "b", "127.0.0.3", ports)) as b,
             trio.open_nursery() as nursery,
         ):
-            first = await modem(a, b"METER1\n")
-            nursery.start_soon(meter, first)
-            at_a = await device_named(a, "METER1")
-            await online(at_a)
-            at_b = await device_named(b, "METER1")
-            await until(b, lambda: b.cluster.elsewhere(at_b) is not None)
+            first, at_a, at_b = await meter_held_at(a, b, nursery)
 
             relay.cut()
             await logged("dialin: instance a: registry", log_lines)
@@ -361,12 +365,7 @@ async def test_a_terminated_backend_is_replaced_while_meters_and_clients_keep_wo
         running_proxy(instance(pg_url, "b", "127.0.0.3", ports)) as b,
         trio.open_nursery() as nursery,
     ):
-        link = await modem(a, b"METER1\n")
-        nursery.start_soon(meter, link)
-        at_a = await device_named(a, "METER1")
-        await online(at_a)
-        at_b = await device_named(b, "METER1")
-        await until(b, lambda: b.cluster.elsewhere(at_b) is not None)
+        link, _, at_b = await meter_held_at(a, b, nursery)
         with psycopg.connect(POSTGRES, autocommit=True) as db:
             killed = db.execute(
                 "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = 'devproxy a'"
