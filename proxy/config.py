@@ -604,10 +604,7 @@ def _device_table(index: int, raw: dict[str, Any], problems: _Problems) -> Devic
     table.take("fault_script", lambda v: isinstance(v, str), "a file path")
     table.boolean("metrics_histograms")
     table.string("log_level", LOG_LEVELS)
-    table.take("record", lambda v: isinstance(v, str), "a file path", _check_log_file)
-    table.integer("record_max_bytes", RECORD_MIN_BYTES)
-    table.integer("record_keep", 0, 1000)
-    table.take("record_redact", lambda v: isinstance(v, list), "a list of patterns", _list_of(_check_redaction))
+    _take_record_keys(table, "a file path", _check_log_file)
     table.take("listen_tls", lambda v: isinstance(v, list), 'a list of "HOST:PORT"', _list_of(parse_address))
     _tls_keys(table)
     table.boolean("tls")
@@ -679,6 +676,14 @@ def _check_line_control(table: _Table, config: DeviceConfig) -> None:
                 table.fail(key, f'= {table.raw[key]!r} is for type = "serial" devices, not {config.type!r}')
 
 
+def _take_record_keys(table: _Table, expected: str, check_record: Callable[[str], str]) -> None:
+    """record (its file, checked by `check_record`), record_max_bytes, record_keep and record_redact."""
+    table.take("record", lambda v: isinstance(v, str), expected, check_record)
+    table.integer("record_max_bytes", RECORD_MIN_BYTES)
+    table.integer("record_keep", 0, 1000)
+    table.take("record_redact", lambda v: isinstance(v, list), "a list of patterns", _list_of(_check_redaction))
+
+
 def _check_record_keys(table: _Table, raw: dict[str, Any], record: str) -> None:
     if not record:
         for key in ("record_max_bytes", "record_keep", "record_redact"):
@@ -722,10 +727,7 @@ def _dialin_table(raw: dict[str, Any], problems: _Problems) -> DialinConfig:
     table.integer("max_message", 1, MAX_MESSAGE_LIMIT)
     table.boolean("metrics_histograms")
     table.string("log_level", LOG_LEVELS)
-    table.take("record", lambda v: isinstance(v, str), 'a file path with "{id}"', _check_recording_template)
-    table.integer("record_max_bytes", RECORD_MIN_BYTES)
-    table.integer("record_keep", 0, 1000)
-    table.take("record_redact", lambda v: isinstance(v, list), "a list of patterns", _list_of(_check_redaction))
+    _take_record_keys(table, 'a file path with "{id}"', _check_recording_template)
     table.take("listen_tls", lambda v: isinstance(v, list), 'a list of "HOST:PORT"', _list_of(parse_address))
     _tls_keys(table)
     table.boolean("direct_tls")
